@@ -1,0 +1,50 @@
+# The README's two commands: `make serve` and `make test`. Everything they need is installed here.
+PYTHON ?= python3.11
+VENV   := .venv
+BIN    := $(VENV)/bin
+HOST   ?= 127.0.0.1
+PORT   ?= 3000
+FMNIST := /usr/share/datasets/fashion-mnist
+INSTALLED := $(VENV)/.installed
+
+.PHONY: help install data test serve evaluate bench-serve clean
+.DEFAULT_GOAL := help
+
+help:
+	@echo "make serve      install, check data and models, serve every endpoint on http://$(HOST):$(PORT)"
+	@echo "make test       install and run the whole test suite"
+	@echo "make evaluate   evaluate the released models with onnxruntime on the full test split"
+	@echo "make bench-serve  raw onnxruntime vs served throughput and latency"
+
+# Re-installs whenever pyproject.toml changes. torch is pinned to the CPU build on this machine's disk.
+$(INSTALLED): pyproject.toml
+	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
+	$(BIN)/python -m pip install -q --upgrade pip
+	$(BIN)/python -m pip install -q -e '.[test]'
+	touch $@
+
+install: $(INSTALLED)
+
+# Fashion-MNIST comes from Debian's package; nothing is downloaded at run time.
+data: $(FMNIST)/t10k-labels-idx1-ubyte.gz
+
+$(FMNIST)/t10k-labels-idx1-ubyte.gz:
+	@if [ "$$(id -u)" = 0 ]; then \
+		apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq dataset-fashion-mnist; \
+	elif sudo -n true 2>/dev/null; then \
+		sudo apt-get update -qq && sudo DEBIAN_FRONTEND=noninteractive apt-get install -y -qq dataset-fashion-mnist; \
+	else \
+		echo "Fashion-MNIST is missing from $(FMNIST)."; \
+		echo "Install it as root: apt-get install dataset-fashion-mnist (Debian/Ubuntu), then run make again."; \
+		exit 1; \
+	fi
+	@test -f $@ || { echo "dataset-fashion-mnist installed but $@ is missing"; exit 1; }
+
+test: install data
+	$(BIN)/python -m pytest
+
+evaluate: install data
+	$(BIN)/python -m export.evaluate --models models --out benchmarks/results
+
+clean:
+	rm -rf $(VENV) .pytest_cache

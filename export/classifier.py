@@ -1,0 +1,160 @@
+"""Export a trained classifier run to models/<name>/{model.onnx, card.json} behind a parity gate.
+
+    python -m export.classifier --run runs/cnn/<stamp> --name cnn
+
+The graph is the whole model: uint8 pixels [N,C,H,W] -> normalisation -> network -> softmax, with outputs
+`probabilities` [N,K] and `embedding` [N,D]. Before anything is written the graph must pass onnx.checker
+and agree with PyTorch on real test images (same argmax everywhere, probabilities within --tolerance);
+the card's metrics are then measured by onnxruntime on the exported graph over the whole test split.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import shutil
+from pathlib import Path
+
+import numpy as np
+import torch
+from torch import nn
+
+from export.onnx_io import (ParityError, cpu_session, export_to_bytes, opset_of, run_batched, runtime_versions,
+                            sha256_bytes, write_model)
+from training.data import load_dataset
+from training.models import build_classifier, count_parameters
+from training.plots import confusion_matrix, plot_confusion
+from training.train import command_for
+
+
+class ClassifierGraph(nn.Module):
+    """Raw uint8 pixels in, probabilities and penultimate features out: no preprocessing outside the graph."""
+
+    def __init__(self, model: nn.Module, mean: list[float], std: list[float]):
+        super().__init__()
+        self.model = model
+        self.register_buffer("mean", torch.tensor(mean, dtype=torch.float32).view(1, -1, 1, 1))
+        self.register_buffer("std", torch.tensor(std, dtype=torch.float32).view(1, -1, 1, 1))
+
+    def forward(self, pixels: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        x = (pixels.to(torch.float32) / 255.0 - self.mean) / self.std  # same arithmetic as training.data.normalise
+        embedding = self.model.forward_features(x)
+        probabilities = torch.softmax(self.model.classifier(embedding), dim=1)
+        return probabilities, embedding
+
+
+def load_run(run_dir: Path) -> tuple[ClassifierGraph, dict, dict, dict]:
+    best = torch.load(run_dir / "best.pt", map_location="cpu", weights_only=False)
+    model, _ = build_classifier(best["model_name"], **best["model_config"])
+    model.load_state_dict(best["model"])
+    model = model.to(memory_format=torch.contiguous_format).float().eval()
+    graph = ClassifierGraph(model, best["normalisation"]["mean"], best["normalisation"]["std"]).eval()
+    record = json.loads((run_dir / "config.json").read_text())
+    metrics = json.loads((run_dir / "metrics.json").read_text())
+    return graph, best, record, metrics
+
+
+def check_parity(graph: ClassifierGraph, session, images: np.ndarray, tolerance: float) -> dict:
+    with torch.no_grad():
+        torch_probs, torch_emb = (t.numpy() for t in graph(torch.from_numpy(images)))
+    ort_probs, ort_emb = run_batched(session, {"pixels": images})
+    agreement = float((torch_probs.argmax(1) == ort_probs.argmax(1)).mean())
+    max_prob_diff = float(np.abs(torch_probs - ort_probs).max())
+    report = {"images": int(len(images)), "argmax_agreement": agreement, "max_abs_probability_diff": max_prob_diff,
+              "max_abs_embedding_diff": float(np.abs(torch_emb - ort_emb).max()), "tolerance": tolerance}
+    if agreement < 1.0 or max_prob_diff > tolerance:
+        raise ParityError(f"onnxruntime disagrees with PyTorch: {report}")
+    return report
+
+
+def onnx_test_metrics(session, images: np.ndarray, labels: np.ndarray, label_names: list[str]) -> tuple[dict, np.ndarray]:
+    probabilities, _ = run_batched(session, {"pixels": images})
+    predictions = probabilities.argmax(1)
+    nll = float(-np.log(np.clip(probabilities[np.arange(len(labels)), labels], 1e-12, None)).mean())
+    per_class = {name: float((predictions[labels == k] == k).mean()) for k, name in enumerate(label_names)}
+    return {"accuracy": float((predictions == labels).mean()), "nll": nll, "images": int(len(labels)),
+            "per_class_accuracy": per_class}, predictions
+
+
+def build_card(name: str, graph: ClassifierGraph, best: dict, record: dict, run_metrics: dict, metrics: dict,
+               parity: dict, opset: int, in_shape: tuple, run_dir: Path) -> dict:
+    channels, height, width = in_shape
+    config = record["config"]
+    return {
+        "name": name,
+        "task": "classification",
+        "architecture": {"family": best["model_name"], "config": best["model_config"],
+                         "parameters": count_parameters(graph.model)},
+        "input": {
+            "name": "pixels", "dtype": "uint8", "shape": ["N", channels, height, width], "layout": "NCHW",
+            "channels": channels, "height": height, "width": width,
+            "fit": {"color": "grayscale" if channels == 1 else "rgb", "resize": "aspect-preserving, longest side to fit",
+                    "padding_value": 0, "polarity": "light-on-dark",
+                    "invert": "auto: inverted when the image border is brighter than its centre"},
+            "normalisation": {"inside_graph": True, **record["normalisation"]},
+        },
+        "outputs": [
+            {"name": "probabilities", "dtype": "float32", "shape": ["N", len(record["label_names"])]},
+            {"name": "embedding", "dtype": "float32", "shape": ["N", graph.model.embedding_dim]},
+        ],
+        "labels": record["label_names"],
+        "metrics": {"split": "test", "dataset": config["dataset"],
+                    "measured_by": "onnxruntime CPUExecutionProvider on the exported graph", **metrics},
+        "training": {
+            "command": command_for(config), "seed": config["seed"], "config": config,
+            "data_files": record["data_files"], "hardware": record["hardware"],
+            "bf16_autocast": record["bf16_autocast"], "wall_seconds": round(run_metrics["wall_seconds"], 1),
+            "seconds_per_epoch": round(run_metrics["seconds_per_epoch"], 1), "epochs": len(run_metrics["history"]),
+            "best_epoch": run_metrics["best_epoch"], "best_val_acc": run_metrics["best_val_acc"],
+            "test_acc_torch": run_metrics["test_acc_torch"], "run": run_dir.name,
+        },
+        "parity": parity,
+        "export": {"exporter": "torch.onnx.export(dynamo=True, external_data=False)", "opset": opset,
+                   **runtime_versions()},
+    }
+
+
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--run", required=True, help="a run folder written by training.train")
+    p.add_argument("--name", required=True, help="model name; written to OUT/NAME/")
+    p.add_argument("--out", default="models")
+    p.add_argument("--parity-images", type=int, default=2000, help="test images compared with PyTorch (>= 512)")
+    p.add_argument("--tolerance", type=float, default=1e-4, help="max |p_onnx - p_torch|")
+    p.add_argument("--seed", type=int, default=0, help="unused by export itself; accepted for uniformity")
+    p.add_argument("--dry-run", action="store_true", help="check parity and print the card without writing")
+    return p.parse_args(argv)
+
+
+def main(args: argparse.Namespace) -> dict:
+    run_dir = Path(args.run)
+    graph, best, record, run_metrics = load_run(run_dir)
+    config = record["config"]
+    test = load_dataset(config["dataset"], "test", config["data_dir"])
+    images, labels = test.images.numpy(), test.labels.numpy()
+    in_shape = tuple(images.shape[1:])
+
+    example = torch.from_numpy(images[:2])
+    model_bytes = export_to_bytes(graph, (example,), ["pixels"], ["probabilities", "embedding"],
+                                  {"pixels": {0: torch.export.Dim("batch", min=1, max=65536)}})
+    session = cpu_session(model_bytes)
+    parity = check_parity(graph, session, images[:max(args.parity_images, 1)], args.tolerance)
+    metrics, predictions = onnx_test_metrics(session, images, labels, test.label_names)
+    card = build_card(args.name, graph, best, record, run_metrics, metrics, parity, opset_of(model_bytes),
+                      in_shape, run_dir)
+    print(f"{args.name}: parity {parity['argmax_agreement']:.4f} argmax, max |dp| {parity['max_abs_probability_diff']:.2e}; "
+          f"test accuracy (onnxruntime) {metrics['accuracy']:.4f}; {len(model_bytes) / 1e6:.2f} MB", flush=True)
+    if args.dry_run:
+        return card | {"sha256": sha256_bytes(model_bytes)}
+
+    out_dir = Path(args.out) / args.name
+    write_model(out_dir, model_bytes, card)
+    matrix = confusion_matrix(labels, predictions, len(test.label_names))
+    plot_confusion(matrix, test.label_names, out_dir / "confusion.png",
+                   f"{args.name} (onnxruntime): test accuracy {metrics['accuracy']:.4f}")
+    shutil.copyfile(run_dir / "curves.png", out_dir / "curves.png")
+    return json.loads((out_dir / "card.json").read_text())
+
+
+if __name__ == "__main__":
+    main(parse_args())

@@ -1,0 +1,378 @@
+"""Train an MLP, CNN or ResNet classifier.
+
+    python -m training.train --preset release-cnn --seed 0
+    python -m training.train --model mlp --dataset digits --epochs 2 --dry-run
+
+Writes runs/<model>/<stamp>/ with config.json (every setting, the data files' SHA-256, hardware),
+metrics.json (per-epoch curves, best epoch, test accuracy), best.pt (best-validation weights + config),
+last.pt (everything needed by --resume), curves.png and confusion.png.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import platform
+import time
+from dataclasses import dataclass
+from datetime import datetime, timezone
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+from tqdm import tqdm
+
+from training.data import Dataset, channel_stats, load_dataset, normalise, train_val_split
+from training.models import build_classifier, count_parameters
+from training.plots import confusion_matrix, plot_confusion, plot_curves
+
+AUGMENTATIONS = ["none", "flip", "shift", "shift-flip", "shift-flip-erase"]
+
+# Every setting a run records. Presets override these; explicit flags override presets.
+DEFAULTS = dict(
+    model="cnn", dataset="fashion-mnist", data_dir=None, epochs=10, batch_size=128,
+    optimizer="adam", lr=1e-3, momentum=0.9, weight_decay=0.0, schedule="constant", warmup_epochs=0,
+    augment="none", label_smoothing=0.0, init="default", activation="tanh", hidden=[512, 512],
+    dropout=0.0, depth=20, width=1.0, val_fraction=0.1, amp="auto", seed=0,
+)
+
+# The lectures' recipes (seed-*) and the recipes behind the released models (release-*).
+PRESETS = {
+    "seed-mlp": dict(model="mlp", activation="tanh", hidden=[512, 512], optimizer="sgd", momentum=0.0,
+                     lr=0.1, batch_size=128, weight_decay=1e-5, epochs=40),
+    "seed-mlp-relu": dict(model="mlp", activation="relu", hidden=[512, 512], optimizer="rmsprop", lr=1e-3,
+                          batch_size=128, dropout=0.2, epochs=20),
+    "seed-cnn": dict(model="cnn", optimizer="adam", lr=1e-3, batch_size=128, epochs=12),
+    # Released recipes: augmentation and a decaying schedule are what lift each past the lecture numbers.
+    "release-mlp": dict(model="mlp", activation="relu", hidden=[512, 512], dropout=0.2, optimizer="adamw",
+                        lr=1e-3, weight_decay=1e-4, schedule="cosine", augment="shift", label_smoothing=0.1,
+                        batch_size=128, epochs=60, init="kaiming-normal"),
+    "release-cnn": dict(model="cnn", optimizer="adamw", lr=2e-3, weight_decay=1e-4, schedule="onecycle",
+                        augment="shift-flip", label_smoothing=0.1, batch_size=128, epochs=30),
+    "release-resnet": dict(model="resnet", depth=20, width=2.0, optimizer="sgd", momentum=0.9, lr=0.1,
+                           weight_decay=5e-4, schedule="onecycle", augment="shift-flip-erase",
+                           label_smoothing=0.1, batch_size=128, epochs=40, init="kaiming-normal"),
+}
+
+
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--preset", choices=sorted(PRESETS), help="a named recipe; explicit flags override it")
+    p.add_argument("--model", choices=["mlp", "cnn", "resnet"])
+    p.add_argument("--dataset", choices=["fashion-mnist", "idx", "cifar10", "digits"])
+    p.add_argument("--data-dir", help="MNIST-format folder (or CIFAR-10 batches folder) instead of the default")
+    p.add_argument("--epochs", type=int)
+    p.add_argument("--batch-size", type=int)
+    p.add_argument("--optimizer", choices=["sgd", "rmsprop", "adam", "adamw"])
+    p.add_argument("--lr", type=float)
+    p.add_argument("--momentum", type=float)
+    p.add_argument("--weight-decay", type=float)
+    p.add_argument("--schedule", choices=["constant", "cosine", "onecycle"])
+    p.add_argument("--warmup-epochs", type=int, help="linear warm-up before a cosine schedule")
+    p.add_argument("--augment", choices=AUGMENTATIONS)
+    p.add_argument("--label-smoothing", type=float)
+    p.add_argument("--init", choices=["default", "xavier-uniform", "xavier-normal", "kaiming-normal"])
+    p.add_argument("--activation", choices=["tanh", "relu", "sigmoid"], help="MLP only")
+    p.add_argument("--hidden", type=int, nargs="+", help="MLP hidden widths")
+    p.add_argument("--dropout", type=float, help="MLP only")
+    p.add_argument("--depth", type=int, help="ResNet depth, 6n+2")
+    p.add_argument("--width", type=float, help="ResNet width multiplier")
+    p.add_argument("--val-fraction", type=float)
+    p.add_argument("--amp", choices=["auto", "bf16", "off"],
+                   help="bf16 autocast + channels_last for training (auto: where the CPU has bf16 or on CUDA)")
+    p.add_argument("--seed", type=int)
+    p.add_argument("--device", default="auto", help="auto, cpu or cuda")
+    p.add_argument("--out", default="runs", help="runs are written to OUT/<model>/<stamp>/")
+    p.add_argument("--resume", help="a run folder whose last.pt to continue from")
+    p.add_argument("--dry-run", action="store_true", help="two batches per epoch, to check the plumbing")
+    p.add_argument("--no-progress", action="store_true", help="hide the tqdm bars")
+    return p.parse_args(argv)
+
+
+def command_for(config: dict) -> str:
+    """The shortest command line that reproduces `config`: its preset plus every setting that differs."""
+    base = dict(DEFAULTS) | PRESETS.get(config.get("preset") or "", {})
+    words = ["python -m training.train"] + ([f"--preset {config['preset']}"] if config.get("preset") else [])
+    for key, value in config.items():
+        if key in DEFAULTS and key != "seed" and value != base[key] and value is not None:
+            shown = " ".join(str(v) for v in value) if isinstance(value, list) else value
+            words.append(f"--{key.replace('_', '-')} {shown}")
+    return " ".join(words + [f"--seed {config['seed']}"])
+
+
+def resolve_config(args: argparse.Namespace) -> dict:
+    config = dict(DEFAULTS)
+    if args.preset:
+        config.update(PRESETS[args.preset])
+    config.update({k: v for k, v in vars(args).items() if k in DEFAULTS and v is not None})
+    config["preset"] = args.preset
+    return config
+
+
+def cpu_has_bf16() -> bool:
+    try:
+        flags = Path("/proc/cpuinfo").read_text()
+    except OSError:
+        return False
+    return "avx512_bf16" in flags or "amx_bf16" in flags
+
+
+def hardware_description(device: torch.device) -> str:
+    if device.type == "cuda":
+        return f"CUDA {torch.cuda.get_device_name(device)}"
+    model = platform.processor() or "cpu"
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                model = line.split(":", 1)[1].strip()
+                break
+    except OSError:
+        pass
+    return f"CPU {model}, {torch.get_num_threads()} threads"
+
+
+# --- augmentation on uint8 batches ------------------------------------------------------------------
+def augment_batch(images: torch.Tensor, kind: str, generator: torch.Generator) -> torch.Tensor:
+    """Random shifts of up to 2 pixels (zero padding), horizontal flips, random erasing (p=0.5).
+
+    Flips keep Fashion-MNIST labels (garments are left-right symmetric); shifts model imperfect
+    centring; erasing (Zhong et al. 2017) makes the net use the whole item, not one telltale patch.
+    """
+    if kind == "none":
+        return images
+    n, _, h, w = images.shape
+    out = images.clone()
+    if "shift" in kind:
+        pad = 2
+        padded = F.pad(images, (pad, pad, pad, pad))
+        dy = torch.randint(0, 2 * pad + 1, (n,), generator=generator)
+        dx = torch.randint(0, 2 * pad + 1, (n,), generator=generator)
+        rows = (dy.view(n, 1) + torch.arange(h)).view(n, 1, h, 1).expand(n, images.shape[1], h, w + 2 * pad)
+        cols = (dx.view(n, 1) + torch.arange(w)).view(n, 1, 1, w).expand(n, images.shape[1], h, w)
+        out = padded.gather(2, rows).gather(3, cols)
+    if "flip" in kind:
+        flip = torch.rand(n, generator=generator) < 0.5
+        out[flip] = out[flip].flip(-1)
+    if "erase" in kind:
+        erase = (torch.rand(n, generator=generator) < 0.5).nonzero().flatten().tolist()
+        for i in erase:
+            eh = int(torch.randint(h // 8, h // 2 + 1, (1,), generator=generator))
+            ew = int(torch.randint(w // 8, w // 2 + 1, (1,), generator=generator))
+            y0 = int(torch.randint(0, h - eh + 1, (1,), generator=generator))
+            x0 = int(torch.randint(0, w - ew + 1, (1,), generator=generator))
+            out[i, :, y0:y0 + eh, x0:x0 + ew] = torch.randint(
+                0, 256, (out.shape[1], eh, ew), generator=generator, dtype=torch.uint8)
+    return out
+
+
+# --- optimisation -----------------------------------------------------------------------------------
+def make_optimizer(config: dict, model: torch.nn.Module) -> torch.optim.Optimizer:
+    # Weight decay on weights only: decaying batch-norm scales and biases only fights the normalisation.
+    decay = [p for p in model.parameters() if p.dim() > 1]
+    no_decay = [p for p in model.parameters() if p.dim() <= 1]
+    groups = [{"params": decay, "weight_decay": config["weight_decay"]}, {"params": no_decay, "weight_decay": 0.0}]
+    lr, name = config["lr"], config["optimizer"]
+    if name == "sgd":
+        return torch.optim.SGD(groups, lr=lr, momentum=config["momentum"], nesterov=config["momentum"] > 0)
+    if name == "rmsprop":
+        return torch.optim.RMSprop(groups, lr=lr)
+    if name == "adam":
+        return torch.optim.Adam(groups, lr=lr)
+    return torch.optim.AdamW(groups, lr=lr)
+
+
+def make_scheduler(config: dict, optimizer: torch.optim.Optimizer, steps_per_epoch: int):
+    total = config["epochs"] * steps_per_epoch
+    if config["schedule"] == "onecycle":
+        return torch.optim.lr_scheduler.OneCycleLR(optimizer, max_lr=config["lr"], total_steps=total)
+    if config["schedule"] == "cosine":
+        warmup = config["warmup_epochs"] * steps_per_epoch
+
+        def factor(step: int) -> float:
+            if step < warmup:
+                return (step + 1) / warmup
+            return 0.5 * (1 + math.cos(math.pi * (step - warmup) / max(1, total - warmup)))
+
+        return torch.optim.lr_scheduler.LambdaLR(optimizer, factor)
+    return torch.optim.lr_scheduler.LambdaLR(optimizer, lambda step: 1.0)
+
+
+@dataclass
+class TrainSetup:
+    model: torch.nn.Module
+    optimizer: torch.optim.Optimizer
+    scheduler: object
+    device: torch.device
+    mean: list[float]
+    std: list[float]
+    use_bf16: bool
+    channels_last: bool
+
+
+def train_epoch(config: dict, setup: TrainSetup, data: Dataset, epoch: int, max_batches: int | None,
+                progress: bool) -> tuple[float, float]:
+    model = setup.model
+    model.train()
+    # Per-epoch seeds make a resumed run draw exactly the batches and dropout masks an uninterrupted one would.
+    torch.manual_seed(config["seed"] * 1000 + epoch)
+    generator = torch.Generator().manual_seed(config["seed"] * 1000 + epoch)
+    order = torch.randperm(len(data), generator=generator)
+    batches = order.split(config["batch_size"])[:max_batches]
+    total_loss, correct, seen = 0.0, 0, 0
+    bar = tqdm(batches, desc=f"epoch {epoch}/{config['epochs']}", leave=False, disable=not progress)
+    for index in bar:
+        images = augment_batch(data.images[index], config["augment"], generator)
+        x = normalise(images.to(setup.device), setup.mean, setup.std)
+        if setup.channels_last:
+            x = x.contiguous(memory_format=torch.channels_last)
+        y = data.labels[index].to(setup.device)
+        with torch.autocast(setup.device.type, dtype=torch.bfloat16, enabled=setup.use_bf16):
+            logits = model(x)
+            loss = F.cross_entropy(logits.float(), y, label_smoothing=config["label_smoothing"])
+        setup.optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        setup.optimizer.step()
+        setup.scheduler.step()
+        total_loss += loss.item() * len(y)
+        correct += (logits.argmax(1) == y).sum().item()
+        seen += len(y)
+        bar.set_postfix(loss=f"{total_loss / seen:.4f}", acc=f"{correct / seen:.4f}")
+    return total_loss / seen, correct / seen
+
+
+@torch.no_grad()
+def evaluate(model: torch.nn.Module, data: Dataset, mean: list[float], std: list[float], device: torch.device,
+             batch_size: int = 512, max_batches: int | None = None) -> dict:
+    """fp32 evaluation: loss, accuracy and per-image predictions (what export parity is checked against)."""
+    model.eval()
+    losses, predictions, labels = [], [], []
+    for start in list(range(0, len(data), batch_size))[:max_batches]:
+        x = normalise(data.images[start:start + batch_size].to(device), mean, std)
+        y = data.labels[start:start + batch_size].to(device)
+        logits = model(x).float()
+        losses.append(F.cross_entropy(logits, y, reduction="sum").item())
+        predictions.append(logits.argmax(1).cpu())
+        labels.append(y.cpu())
+    predictions, labels = torch.cat(predictions), torch.cat(labels)
+    return {
+        "loss": sum(losses) / len(labels),
+        "accuracy": (predictions == labels).float().mean().item(),
+        "predictions": predictions.numpy(),
+        "labels": labels.numpy(),
+    }
+
+
+def pick_device(name: str) -> torch.device:
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    return torch.device(name)
+
+
+def new_run_dir(out: str, model: str, seed: int) -> Path:
+    stamp = datetime.now(timezone.utc).strftime("%Y%m%d-%H%M%S")
+    run_dir = Path(out) / model / f"{stamp}-seed{seed}"
+    run_dir.mkdir(parents=True, exist_ok=False)
+    return run_dir
+
+
+def build_setup(config: dict, device: torch.device, in_shape: tuple, num_classes: int, mean, std,
+                steps_per_epoch: int) -> tuple[TrainSetup, dict]:
+    torch.manual_seed(config["seed"])
+    model, model_config = build_classifier(
+        config["model"], init=config["init"], in_shape=in_shape, num_classes=num_classes,
+        activation=config["activation"], hidden=config["hidden"], dropout=config["dropout"],
+        depth=config["depth"], width=config["width"],
+    )
+    use_bf16 = config["amp"] == "bf16" or (config["amp"] == "auto" and (device.type == "cuda" or cpu_has_bf16()))
+    channels_last = use_bf16 and config["model"] != "mlp"
+    model = model.to(device)
+    if channels_last:
+        model = model.to(memory_format=torch.channels_last)
+    optimizer = make_optimizer(config, model)
+    scheduler = make_scheduler(config, optimizer, steps_per_epoch)
+    return TrainSetup(model, optimizer, scheduler, device, mean, std, use_bf16, channels_last), model_config
+
+
+def main(args: argparse.Namespace) -> Path:
+    """Train as `args` say; returns the run folder."""
+    progress = not args.no_progress
+    if args.resume:
+        run_dir = Path(args.resume)
+        state = torch.load(run_dir / "last.pt", map_location="cpu", weights_only=False)
+        config = state["config"]
+    else:
+        config = resolve_config(args)
+        state = None
+    device = pick_device(args.device)
+    torch.use_deterministic_algorithms(True, warn_only=True)
+
+    train_full = load_dataset(config["dataset"], "train", config["data_dir"])
+    test = load_dataset(config["dataset"], "test", config["data_dir"])
+    train, val = train_val_split(train_full, config["val_fraction"], config["seed"])
+    mean, std = channel_stats(train.images)
+    max_batches = 2 if args.dry_run else None
+    steps = max_batches or math.ceil(len(train) / config["batch_size"])
+    setup, model_config = build_setup(config, device, train.shape, len(train.label_names), mean, std, steps)
+
+    if state is None:
+        run_dir = new_run_dir(args.out, config["model"], config["seed"])
+        history, best, start_epoch, wall_before = [], {"val_acc": -1.0, "epoch": 0}, 1, 0.0
+    else:
+        setup.model.load_state_dict(state["model"])
+        setup.optimizer.load_state_dict(state["optimizer"])
+        setup.scheduler.load_state_dict(state["scheduler"])
+        history, best = state["history"], state["best"]
+        start_epoch, wall_before = state["epoch"] + 1, state["wall_seconds"]
+
+    record = {
+        "config": config, "model_config": model_config, "parameters": count_parameters(setup.model),
+        "data_files": train_full.files | test.files, "normalisation": {"mean": mean, "std": std},
+        "label_names": train.label_names, "splits": {"train": len(train), "val": len(val), "test": len(test)},
+        "hardware": hardware_description(device), "bf16_autocast": setup.use_bf16,
+        "channels_last": setup.channels_last, "torch": torch.__version__, "dry_run": args.dry_run,
+    }
+    (run_dir / "config.json").write_text(json.dumps(record, indent=2))
+    print(f"run {run_dir}: {config['model']} with {record['parameters']:,} parameters on {record['hardware']}"
+          f"{' (bf16 autocast)' if setup.use_bf16 else ''}", flush=True)
+
+    started = time.perf_counter()
+    for epoch in range(start_epoch, config["epochs"] + 1):
+        train_loss, train_acc = train_epoch(config, setup, train, epoch, max_batches, progress)
+        val_metrics = evaluate(setup.model, val, mean, std, device, max_batches=max_batches)
+        history.append({"epoch": epoch, "train_loss": train_loss, "train_acc": train_acc,
+                        "val_loss": val_metrics["loss"], "val_acc": val_metrics["accuracy"],
+                        "lr": setup.optimizer.param_groups[0]["lr"]})
+        wall = wall_before + time.perf_counter() - started
+        if val_metrics["accuracy"] > best["val_acc"]:
+            best = {"val_acc": val_metrics["accuracy"], "epoch": epoch}
+            torch.save({"model": setup.model.state_dict(), "model_name": config["model"],
+                        "model_config": model_config, "config": config, "normalisation": record["normalisation"],
+                        "label_names": train.label_names, "epoch": epoch}, run_dir / "best.pt")
+        torch.save({"model": setup.model.state_dict(), "optimizer": setup.optimizer.state_dict(),
+                    "scheduler": setup.scheduler.state_dict(), "epoch": epoch, "history": history, "best": best,
+                    "config": config, "wall_seconds": wall}, run_dir / "last.pt")
+        print(f"epoch {epoch:3d}  train loss {train_loss:.4f} acc {train_acc:.4f}  "
+              f"val loss {val_metrics['loss']:.4f} acc {val_metrics['accuracy']:.4f}  ({wall:.0f}s)", flush=True)
+
+    wall = wall_before + time.perf_counter() - started
+    best_state = torch.load(run_dir / "best.pt", map_location="cpu", weights_only=False)
+    setup.model.load_state_dict(best_state["model"])
+    test_metrics = evaluate(setup.model, test, mean, std, device, max_batches=max_batches)
+    matrix = confusion_matrix(test_metrics["labels"], test_metrics["predictions"], len(test.label_names))
+    metrics = {"history": history, "best_epoch": best["epoch"], "best_val_acc": best["val_acc"],
+               "test_acc_torch": test_metrics["accuracy"], "test_loss_torch": test_metrics["loss"],
+               "confusion_matrix": matrix.tolist(), "wall_seconds": wall,
+               "seconds_per_epoch": wall / max(1, len(history))}
+    (run_dir / "metrics.json").write_text(json.dumps(metrics, indent=2))
+    title = f"{config['model']} ({config.get('preset') or 'custom'}), seed {config['seed']}"
+    plot_curves(history, run_dir / "curves.png", title)
+    plot_confusion(matrix, test.label_names, run_dir / "confusion.png",
+                   f"{title}: test accuracy {test_metrics['accuracy']:.4f}")
+    print(f"done: best epoch {best['epoch']} val acc {best['val_acc']:.4f}; test acc {test_metrics['accuracy']:.4f}; "
+          f"{wall:.0f}s", flush=True)
+    return run_dir
+
+
+if __name__ == "__main__":
+    main(parse_args())

@@ -85,6 +85,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--device", default="auto", help="auto, cpu or cuda")
     p.add_argument("--out", default="runs", help="runs are written to OUT/<model>/<stamp>/")
     p.add_argument("--resume", help="a run folder whose last.pt to continue from")
+    p.add_argument("--stop-after", type=int, help="stop after this many epochs of this invocation (fit a time "
+                   "slot); --resume continues where it stopped")
     p.add_argument("--dry-run", action="store_true", help="two batches per epoch, to check the plumbing")
     p.add_argument("--no-progress", action="store_true", help="hide the tqdm bars")
     return p.parse_args(argv)
@@ -354,6 +356,9 @@ def main(args: argparse.Namespace) -> Path:
                     "config": config, "wall_seconds": wall}, run_dir / "last.pt")
         print(f"epoch {epoch:3d}  train loss {train_loss:.4f} acc {train_acc:.4f}  "
               f"val loss {val_metrics['loss']:.4f} acc {val_metrics['accuracy']:.4f}  ({wall:.0f}s)", flush=True)
+        if args.stop_after and epoch - start_epoch + 1 >= args.stop_after and epoch < config["epochs"]:
+            print(f"stopped after epoch {epoch}; continue with --resume {run_dir}", flush=True)
+            return run_dir
 
     wall = wall_before + time.perf_counter() - started
     best_state = torch.load(run_dir / "best.pt", map_location="cpu", weights_only=False)

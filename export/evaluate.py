@@ -1,0 +1,106 @@
+"""Independent evaluation of released classifiers: onnxruntime on the exported graph, the full test split.
+
+    python -m export.evaluate --models models --out benchmarks/results
+
+For every models/<name>/ with a classification card: checks the file's SHA-256 against the card, the
+input contract (uint8 [N,C,H,W] with a dynamic batch axis, outputs `probabilities` and `embedding`),
+that one image at a time gives the same answers as a batch, and measures test accuracy. It shares no
+code with the exporter's metric path, so it catches a card that claims more than the graph does.
+Writes evaluation.json and evaluation.md; exits 1 when a gate below is missed.
+"""
+
+from __future__ import annotations
+
+import argparse
+import hashlib
+import json
+import sys
+from pathlib import Path
+
+import numpy as np
+import onnxruntime as ort
+
+from training.data import load_dataset
+
+# Release gates (issue 2): minimum test accuracy, and a parameter cap for the ResNet.
+ACCURACY_GATES = {"mlp": 0.900, "cnn": 0.930, "resnet": 0.950}
+PARAMETER_CAPS = {"resnet": 1_500_000}
+MAX_FILE_BYTES = 10_000_000
+
+
+def evaluate_classifier(model_dir: Path, data_dir: str | None = None) -> dict:
+    card = json.loads((model_dir / "card.json").read_text())
+    model_bytes = (model_dir / "model.onnx").read_bytes()
+    result = {"name": card["name"], "version": card["version"], "parameters": card["architecture"]["parameters"],
+              "file_bytes": len(model_bytes), "card_accuracy": card["metrics"]["accuracy"], "problems": []}
+    if hashlib.sha256(model_bytes).hexdigest() != card["sha256"]:
+        result["problems"].append("sha256 of model.onnx does not match the card")
+    session = ort.InferenceSession(model_bytes, providers=["CPUExecutionProvider"])
+    (pixels,) = session.get_inputs()
+    if pixels.name != "pixels" or pixels.type != "tensor(uint8)" or isinstance(pixels.shape[0], int):
+        result["problems"].append(f"input is {pixels.name} {pixels.type} {pixels.shape}, not uint8 with dynamic batch")
+    if [o.name for o in session.get_outputs()] != ["probabilities", "embedding"]:
+        result["problems"].append(f"outputs are {[o.name for o in session.get_outputs()]}")
+
+    test = load_dataset(card["metrics"].get("dataset", "fashion-mnist"), "test", data_dir)
+    images, labels = test.images.numpy(), test.labels.numpy()
+    if list(images.shape[1:]) != [card["input"]["channels"], card["input"]["height"], card["input"]["width"]]:
+        result["problems"].append(f"test images {images.shape[1:]} do not match the card's input spec")
+    probabilities = np.concatenate([session.run(["probabilities"], {"pixels": images[i:i + 500]})[0]
+                                    for i in range(0, len(images), 500)])
+    predictions = probabilities.argmax(1)
+    singles = np.concatenate([session.run(["probabilities"], {"pixels": images[i:i + 1]})[0] for i in range(64)])
+    result["batch_independent"] = bool(np.array_equal(singles.argmax(1), predictions[:64])
+                                       and np.abs(singles - probabilities[:64]).max() < 1e-5)
+    if not result["batch_independent"]:
+        result["problems"].append("single-image answers differ from batched answers")
+    result["images"] = int(len(labels))
+    result["accuracy"] = float((predictions == labels).mean())
+    result["probabilities_sum_to_one"] = bool(np.allclose(probabilities.sum(1), 1.0, atol=1e-5))
+    if abs(result["accuracy"] - result["card_accuracy"]) > 1e-9:
+        result["problems"].append(f"card claims accuracy {result['card_accuracy']}, measured {result['accuracy']}")
+    gate = ACCURACY_GATES.get(card["name"])
+    result["accuracy_gate"] = gate
+    if gate is not None and result["accuracy"] < gate:
+        result["problems"].append(f"accuracy {result['accuracy']:.4f} below the release gate {gate}")
+    cap = PARAMETER_CAPS.get(card["name"])
+    if cap is not None and result["parameters"] >= cap:
+        result["problems"].append(f"{result['parameters']} parameters, cap {cap}")
+    if len(model_bytes) > MAX_FILE_BYTES:
+        result["problems"].append(f"model.onnx is {len(model_bytes)} bytes, over {MAX_FILE_BYTES}")
+    return result
+
+
+def markdown_table(results: list[dict]) -> str:
+    lines = ["| model | version | parameters | test accuracy (onnxruntime) | gate | checks |",
+             "|---|---|---:|---:|---:|---|"]
+    for r in results:
+        gate = f"{r['accuracy_gate']:.3f}" if r["accuracy_gate"] is not None else "-"
+        checks = "ok" if not r["problems"] else "; ".join(r["problems"])
+        lines.append(f"| {r['name']} | {r['version']} | {r['parameters']:,} | {r['accuracy']:.4f} | {gate} | {checks} |")
+    return "\n".join(lines) + "\n"
+
+
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--models", default="models")
+    p.add_argument("--out", default="benchmarks/results")
+    p.add_argument("--data-dir", help="MNIST-format folder instead of the default Fashion-MNIST location")
+    return p.parse_args(argv)
+
+
+def main(args: argparse.Namespace) -> list[dict]:
+    model_dirs = sorted(d for d in Path(args.models).iterdir() if (d / "card.json").is_file())
+    classifiers = [d for d in model_dirs if json.loads((d / "card.json").read_text())["task"] == "classification"]
+    results = [evaluate_classifier(d, args.data_dir) for d in classifiers]
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    (out / "evaluation.json").write_text(json.dumps(results, indent=2) + "\n")
+    table = markdown_table(results)
+    (out / "evaluation.md").write_text("Measured by `make evaluate` (`python -m export.evaluate`).\n\n" + table)
+    print(table)
+    return results
+
+
+if __name__ == "__main__":
+    sys.exit(1 if any(r["problems"] for r in main(parse_args())) else 0)

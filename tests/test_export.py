@@ -1,0 +1,104 @@
+"""Export of a small trained model: contract, parity gate, card, and the independent evaluator."""
+
+import hashlib
+import json
+
+import numpy as np
+import onnxruntime as ort
+import pytest
+import torch
+
+from export import classifier as export_classifier
+from export import evaluate
+from export.onnx_io import ParityError
+from training.data import load_dataset
+from training.train import main as train_main
+from training.train import parse_args as train_args
+
+
+@pytest.fixture(scope="module")
+def digits_run(tmp_path_factory):
+    out = tmp_path_factory.mktemp("runs")
+    return train_main(train_args(["--model", "cnn", "--dataset", "digits", "--epochs", "3", "--seed", "1",
+                                  "--out", str(out), "--no-progress"]))
+
+
+@pytest.fixture(scope="module")
+def exported(digits_run, tmp_path_factory):
+    out = tmp_path_factory.mktemp("models")
+    card = export_classifier.main(export_classifier.parse_args(
+        ["--run", str(digits_run), "--name", "digits-cnn", "--out", str(out), "--parity-images", "512"]))
+    return out / "digits-cnn", card
+
+
+def test_files_and_checksum(exported):
+    model_dir, card = exported
+    assert {p.name for p in model_dir.iterdir()} == {"model.onnx", "card.json", "confusion.png", "curves.png"}
+    assert hashlib.sha256((model_dir / "model.onnx").read_bytes()).hexdigest() == card["sha256"]
+    assert card["file_bytes"] == (model_dir / "model.onnx").stat().st_size
+
+
+def test_card_fields(exported, digits_run):
+    _, card = exported
+    for key in ("name", "version", "task", "architecture", "input", "outputs", "labels", "sha256", "metrics",
+                "training", "parity", "export"):
+        assert key in card, key
+    assert card["input"]["dtype"] == "uint8" and card["input"]["shape"] == ["N", 1, 8, 8]
+    assert set(card["input"]["fit"]) >= {"color", "resize", "padding_value", "polarity"}
+    assert [o["name"] for o in card["outputs"]] == ["probabilities", "embedding"]
+    assert card["labels"] == [str(d) for d in range(10)]
+    training = card["training"]
+    assert training["seed"] == 1 and training["data_files"] and training["hardware"] and training["wall_seconds"] > 0
+    assert training["command"].endswith("--seed 1") and "--dataset digits" in training["command"]
+    n_test = len(load_dataset("digits", "test"))
+    assert card["metrics"]["images"] == n_test and card["metrics"]["measured_by"].startswith("onnxruntime")
+    assert card["parity"]["images"] == n_test and card["parity"]["argmax_agreement"] == 1.0
+    assert card["parity"]["max_abs_probability_diff"] <= 1e-4
+    metrics = json.loads((digits_run / "metrics.json").read_text())
+    assert card["training"]["test_acc_torch"] == metrics["test_acc_torch"]
+
+
+def test_graph_contract_and_dynamic_batch(exported, digits_run):
+    model_dir, _ = exported
+    session = ort.InferenceSession(str(model_dir / "model.onnx"), providers=["CPUExecutionProvider"])
+    (inp,) = session.get_inputs()
+    assert inp.name == "pixels" and inp.type == "tensor(uint8)" and inp.shape[1:] == [1, 8, 8]
+    assert not isinstance(inp.shape[0], int)
+    graph, _, _, _ = export_classifier.load_run(digits_run)
+    images = load_dataset("digits", "test").images.numpy()
+    for n in (1, 3, 64):
+        probs, emb = session.run(None, {"pixels": images[:n]})
+        assert probs.shape == (n, 10) and emb.shape == (n, 128)
+        with torch.no_grad():
+            want, _ = graph(torch.from_numpy(images[:n]))
+        np.testing.assert_allclose(probs, want.numpy(), atol=1e-4)
+        np.testing.assert_allclose(probs.sum(1), 1.0, atol=1e-5)
+
+
+def test_parity_gate_refuses_and_writes_nothing(digits_run, tmp_path):
+    args = export_classifier.parse_args(["--run", str(digits_run), "--name", "x", "--out", str(tmp_path),
+                                         "--tolerance", "-1"])
+    with pytest.raises(ParityError, match="disagrees"):
+        export_classifier.main(args)
+    assert not (tmp_path / "x").exists()
+
+
+def test_independent_evaluation_agrees_with_card(exported):
+    model_dir, card = exported
+    result = evaluate.evaluate_classifier(model_dir)
+    assert result["accuracy"] == card["metrics"]["accuracy"]
+    assert result["problems"] == [] and result["batch_independent"]
+
+
+def test_evaluation_catches_a_tampered_model(exported, tmp_path):
+    model_dir, card = exported
+    bad = tmp_path / "digits-cnn"
+    bad.mkdir()
+    (bad / "card.json").write_text(json.dumps(card | {"metrics": card["metrics"] | {"accuracy": 0.999}}))
+    data = bytearray((model_dir / "model.onnx").read_bytes())
+    (bad / "model.onnx").write_bytes(bytes(data))
+    problems = evaluate.evaluate_classifier(bad)["problems"]
+    assert any("card claims accuracy" in p for p in problems)
+    card_wrong_sha = card | {"sha256": "0" * 64}
+    (bad / "card.json").write_text(json.dumps(card_wrong_sha))
+    assert any("sha256" in p for p in evaluate.evaluate_classifier(bad)["problems"])

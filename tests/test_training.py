@@ -1,0 +1,82 @@
+"""The training CLI end to end on scikit-learn's digits: outputs, determinism, resume."""
+
+import json
+
+import pytest
+import torch
+
+from training.train import AUGMENTATIONS, PRESETS, augment_batch, command_for, main, parse_args, resolve_config
+
+
+def train(tmp_path, *flags):
+    return main(parse_args(["--dataset", "digits", "--out", str(tmp_path), "--no-progress", *flags]))
+
+
+@pytest.mark.parametrize("model", ["mlp", "cnn", "resnet"])
+def test_dry_run_writes_a_complete_run(tmp_path, model):
+    run = train(tmp_path, "--model", model, "--epochs", "2", "--dry-run", "--depth", "8")
+    for name in ("config.json", "metrics.json", "best.pt", "last.pt", "curves.png", "confusion.png"):
+        assert (run / name).stat().st_size > 0, name
+    config = json.loads((run / "config.json").read_text())
+    assert config["config"]["model"] == model and config["config"]["seed"] == 0
+    assert config["data_files"] and config["hardware"] and config["parameters"] > 0
+    metrics = json.loads((run / "metrics.json").read_text())
+    assert [h["epoch"] for h in metrics["history"]] == [1, 2]
+    assert metrics["wall_seconds"] > 0 and 0 <= metrics["test_acc_torch"] <= 1
+    best = torch.load(run / "best.pt", weights_only=False)
+    assert best["config"]["model"] == model and best["epoch"] == metrics["best_epoch"]
+
+
+def test_digits_actually_learn(tmp_path):
+    run = train(tmp_path, "--model", "mlp", "--activation", "relu", "--epochs", "8", "--lr", "3e-3")
+    assert json.loads((run / "metrics.json").read_text())["test_acc_torch"] > 0.85
+
+
+def test_same_seed_same_metrics(tmp_path):
+    flags = ["--model", "cnn", "--epochs", "2", "--augment", "shift-flip-erase", "--seed", "7"]
+    a = json.loads((train(tmp_path / "a", *flags) / "metrics.json").read_text())
+    b = json.loads((train(tmp_path / "b", *flags) / "metrics.json").read_text())
+    assert a["history"] == b["history"]
+    assert a["test_acc_torch"] == b["test_acc_torch"]
+    c = json.loads((train(tmp_path / "c", *flags[:-1], "8") / "metrics.json").read_text())
+    assert c["history"] != a["history"]
+
+
+def test_resume_continues_an_interrupted_run(tmp_path):
+    flags = ["--model", "mlp", "--schedule", "cosine", "--augment", "shift", "--dropout", "0.1", "--seed", "3",
+             "--epochs", "3"]
+    full = json.loads((train(tmp_path / "full", *flags) / "metrics.json").read_text())
+    stopped = train(tmp_path / "part", *flags, "--stop-after", "2")
+    assert not (stopped / "metrics.json").exists()
+    assert torch.load(stopped / "last.pt", weights_only=False)["epoch"] == 2
+    resumed = main(parse_args(["--resume", str(stopped), "--no-progress"]))
+    assert resumed == stopped
+    metrics = json.loads((resumed / "metrics.json").read_text())
+    # Per-epoch seeding and the saved optimiser/scheduler state make the resumed epoch the same epoch.
+    assert [h["epoch"] for h in metrics["history"]] == [1, 2, 3]
+    for got, want in zip(metrics["history"], full["history"]):
+        for key in ("train_loss", "train_acc", "val_loss", "val_acc", "lr"):
+            assert got[key] == pytest.approx(want[key], rel=1e-6, abs=1e-7), key
+    assert metrics["test_acc_torch"] == full["test_acc_torch"]
+
+
+@pytest.mark.parametrize("kind", AUGMENTATIONS)
+def test_augment_keeps_shape_and_dtype(kind):
+    images = torch.randint(0, 256, (16, 1, 28, 28), dtype=torch.uint8)
+    out = augment_batch(images, kind, torch.Generator().manual_seed(0))
+    assert out.shape == images.shape and out.dtype == torch.uint8
+    assert torch.equal(out, images) == (kind == "none")
+
+
+def test_shift_moves_content_without_scaling():
+    image = torch.zeros(1, 1, 28, 28, dtype=torch.uint8)
+    image[0, 0, 10:14, 10:14] = 200
+    out = augment_batch(image.repeat(64, 1, 1, 1), "shift", torch.Generator().manual_seed(0))
+    assert (out.flatten(1).sum(1) == image.sum()).all()  # a 2-pixel shift never cuts off a centred patch
+
+
+def test_presets_resolve_and_flags_override():
+    config = resolve_config(parse_args(["--preset", "seed-mlp", "--epochs", "3"]))
+    assert config["optimizer"] == "sgd" and config["lr"] == 0.1 and config["epochs"] == 3
+    assert command_for(config) == "python -m training.train --preset seed-mlp --epochs 3 --seed 0"
+    assert set(PRESETS) >= {"seed-mlp", "seed-mlp-relu", "seed-cnn", "release-mlp", "release-cnn", "release-resnet"}

@@ -30,9 +30,10 @@ from training.train import command_for
 class ClassifierGraph(nn.Module):
     """Raw uint8 pixels in, probabilities and penultimate features out: no preprocessing outside the graph."""
 
-    def __init__(self, model: nn.Module, mean: list[float], std: list[float]):
+    def __init__(self, model: nn.Module, mean: list[float], std: list[float], flip_tta: bool = False):
         super().__init__()
         self.model = model
+        self.flip_tta = flip_tta
         self.register_buffer("mean", torch.tensor(mean, dtype=torch.float32).view(1, -1, 1, 1))
         self.register_buffer("std", torch.tensor(std, dtype=torch.float32).view(1, -1, 1, 1))
 
@@ -40,15 +41,21 @@ class ClassifierGraph(nn.Module):
         x = (pixels.to(torch.float32) / 255.0 - self.mean) / self.std  # same arithmetic as training.data.normalise
         embedding = self.model.forward_features(x)
         probabilities = torch.softmax(self.model.classifier(embedding), dim=1)
+        if self.flip_tta:
+            # Test-time augmentation with the mirror image the model was trained on: one more forward pass,
+            # averaged, inside the graph so that every client gets it and no preprocessing lives outside.
+            mirrored = self.model.forward_features(torch.flip(x, dims=[3]))
+            embedding = (embedding + mirrored) / 2
+            probabilities = (probabilities + torch.softmax(self.model.classifier(mirrored), dim=1)) / 2
         return probabilities, embedding
 
 
-def load_run(run_dir: Path) -> tuple[ClassifierGraph, dict, dict, dict]:
+def load_run(run_dir: Path, flip_tta: bool = False) -> tuple[ClassifierGraph, dict, dict, dict]:
     best = torch.load(run_dir / "best.pt", map_location="cpu", weights_only=False)
     model, _ = build_classifier(best["model_name"], **best["model_config"])
     model.load_state_dict(best["model"])
     model = model.to(memory_format=torch.contiguous_format).float().eval()
-    graph = ClassifierGraph(model, best["normalisation"]["mean"], best["normalisation"]["std"]).eval()
+    graph = ClassifierGraph(model, best["normalisation"]["mean"], best["normalisation"]["std"], flip_tta).eval()
     record = json.loads((run_dir / "config.json").read_text())
     metrics = json.loads((run_dir / "metrics.json").read_text())
     return graph, best, record, metrics
@@ -92,6 +99,7 @@ def build_card(name: str, graph: ClassifierGraph, best: dict, record: dict, run_
                     "padding_value": 0, "polarity": "light-on-dark",
                     "invert": "auto: inverted when the image border is brighter than its centre"},
             "normalisation": {"inside_graph": True, **record["normalisation"]},
+            "test_time_augmentation": "mean of the image and its horizontal mirror" if graph.flip_tta else "none",
         },
         "outputs": [
             {"name": "probabilities", "dtype": "float32", "shape": ["N", len(record["label_names"])]},
@@ -121,14 +129,15 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--out", default="models")
     p.add_argument("--parity-images", type=int, default=2000, help="test images compared with PyTorch (>= 512)")
     p.add_argument("--tolerance", type=float, default=1e-4, help="max |p_onnx - p_torch|")
-    p.add_argument("--seed", type=int, default=0, help="unused by export itself; accepted for uniformity")
+    p.add_argument("--flip-tta", action="store_true",
+                   help="average the image and its horizontal mirror inside the graph (twice the compute)")
     p.add_argument("--dry-run", action="store_true", help="check parity and print the card without writing")
     return p.parse_args(argv)
 
 
 def main(args: argparse.Namespace) -> dict:
     run_dir = Path(args.run)
-    graph, best, record, run_metrics = load_run(run_dir)
+    graph, best, record, run_metrics = load_run(run_dir, args.flip_tta)
     config = record["config"]
     test = load_dataset(config["dataset"], "test", config["data_dir"])
     images, labels = test.images.numpy(), test.labels.numpy()

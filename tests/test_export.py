@@ -102,3 +102,14 @@ def test_evaluation_catches_a_tampered_model(exported, tmp_path):
     card_wrong_sha = card | {"sha256": "0" * 64}
     (bad / "card.json").write_text(json.dumps(card_wrong_sha))
     assert any("sha256" in p for p in evaluate.evaluate_classifier(bad)["problems"])
+
+
+def test_flip_tta_graph_averages_the_mirror(digits_run, tmp_path):
+    card = export_classifier.main(export_classifier.parse_args(
+        ["--run", str(digits_run), "--name", "tta", "--out", str(tmp_path), "--flip-tta"]))
+    assert card["input"]["test_time_augmentation"].startswith("mean of the image")
+    session = ort.InferenceSession(str(tmp_path / "tta" / "model.onnx"), providers=["CPUExecutionProvider"])
+    images = load_dataset("digits", "test").images.numpy()[:16]
+    probs, _ = session.run(None, {"pixels": images})
+    mirrored, _ = session.run(None, {"pixels": np.ascontiguousarray(images[..., ::-1])})
+    np.testing.assert_allclose(probs, mirrored, atol=1e-5)  # symmetric by construction

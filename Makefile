@@ -1,5 +1,5 @@
 # The README's two commands: `make serve` and `make test`. Everything they need is installed here.
-PYTHON ?= python3.11
+PYTHON ?= $(shell command -v python3.11 || command -v python3)
 VENV   := .venv
 BIN    := $(VENV)/bin
 HOST   ?= 127.0.0.1
@@ -7,7 +7,7 @@ PORT   ?= 3000
 FMNIST := /usr/share/datasets/fashion-mnist
 INSTALLED := $(VENV)/.installed
 
-.PHONY: help install data test serve evaluate bench-serve clean
+.PHONY: help install data test serve evaluate bench-serve models-present clean
 .DEFAULT_GOAL := help
 
 help:
@@ -45,6 +45,22 @@ test: install data
 
 evaluate: install data
 	$(BIN)/python -m export.evaluate --models models --out benchmarks/results
+
+# Released models come from training + export, never from a download: say what to run when they are missing.
+models-present:
+	@ls models/*/model.onnx >/dev/null 2>&1 || { \
+		echo "No exported models in models/. Train and export one first, for example:"; \
+		echo "  $(BIN)/python -m training.train --preset release-cnn --seed 0"; \
+		echo "  $(BIN)/python -m export.classifier --run runs/cnn/<stamp> --name cnn"; \
+		exit 1; }
+
+# Server settings are VISIONSERVE_* environment variables (docs/SERVING.md), e.g. VISIONSERVE_WORKERS=2 make serve.
+serve: install data models-present
+	$(BIN)/bentoml serve service.classify:Classifier --host $(HOST) --port $(PORT)
+
+# Raw onnxruntime vs served, one run; writes benchmarks/results/serve.{json,md}.
+bench-serve: install data models-present
+	$(BIN)/python benchmarks/bench_serve.py --out benchmarks/results
 
 clean:
 	rm -rf $(VENV) .pytest_cache

@@ -9,13 +9,15 @@ import matplotlib.pyplot as plt  # noqa: E402
 import numpy as np  # noqa: E402
 
 
-def plot_curves(history: list[dict], path: str | Path, title: str = "") -> None:
+def plot_curves(history: list[dict], path: str | Path, title: str = "", label_smoothing: float = 0.0) -> None:
     epochs = [h["epoch"] for h in history]
     fig, (ax_loss, ax_acc) = plt.subplots(1, 2, figsize=(10, 4))
-    ax_loss.plot(epochs, [h["train_loss"] for h in history], label="train")
+    # Training loss includes label smoothing (a floor above zero); validation loss is plain cross-entropy.
+    train_label = f"train (label smoothing {label_smoothing:g})" if label_smoothing else "train"
+    ax_loss.plot(epochs, [h["train_loss"] for h in history], label=train_label)
     ax_loss.plot(epochs, [h["val_loss"] for h in history], label="validation")
     ax_loss.set(xlabel="epoch", ylabel="cross-entropy", title="loss")
-    ax_acc.plot(epochs, [h["train_acc"] for h in history], label="train")
+    ax_acc.plot(epochs, [h["train_acc"] for h in history], label="train (augmented)")
     ax_acc.plot(epochs, [h["val_acc"] for h in history], label="validation")
     ax_acc.set(xlabel="epoch", ylabel="accuracy", title="accuracy")
     for ax in (ax_loss, ax_acc):

@@ -12,7 +12,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import shutil
 from pathlib import Path
 
 import numpy as np
@@ -23,7 +22,7 @@ from export.onnx_io import (ParityError, cpu_session, export_to_bytes, opset_of,
                             sha256_bytes, write_model)
 from training.data import load_dataset
 from training.models import build_classifier, count_parameters
-from training.plots import confusion_matrix, plot_confusion
+from training.plots import confusion_matrix, plot_confusion, plot_curves
 from training.train import command_for
 
 
@@ -161,7 +160,8 @@ def main(args: argparse.Namespace) -> dict:
     matrix = confusion_matrix(labels, predictions, len(test.label_names))
     plot_confusion(matrix, test.label_names, out_dir / "confusion.png",
                    f"{args.name} (onnxruntime): test accuracy {metrics['accuracy']:.4f}")
-    shutil.copyfile(run_dir / "curves.png", out_dir / "curves.png")
+    plot_curves(run_metrics["history"], out_dir / "curves.png",
+                f"{args.name}: {card['training']['command']}", config["label_smoothing"])
     return json.loads((out_dir / "card.json").read_text())
 
 

@@ -50,8 +50,10 @@ PRESETS = {
     "release-mlp": dict(model="mlp", activation="relu", hidden=[512, 512], dropout=0.2, optimizer="adamw",
                         lr=1e-3, weight_decay=1e-4, schedule="cosine", augment="flip", label_smoothing=0.1,
                         batch_size=128, epochs=60, init="kaiming-normal"),
+    # Flips only: with the lecture's dropout (0.25, 0.5) shifts left this small net underfitting
+    # (shift-flip, 30 epochs: validation 92.77%; none, 30: 93.17%; flip, 40: 93.40%, chosen on validation).
     "release-cnn": dict(model="cnn", optimizer="adamw", lr=2e-3, weight_decay=1e-4, schedule="onecycle",
-                        augment="shift-flip", label_smoothing=0.1, batch_size=128, epochs=30),
+                        augment="flip", label_smoothing=0.1, batch_size=128, epochs=40),
     "release-resnet": dict(model="resnet", depth=20, width=2.0, optimizer="sgd", momentum=0.9, lr=0.1,
                            weight_decay=5e-4, schedule="onecycle", augment="shift-flip-erase",
                            label_smoothing=0.1, batch_size=128, epochs=40, init="kaiming-normal"),

@@ -7,12 +7,13 @@ PORT   ?= 3000
 FMNIST := /usr/share/datasets/fashion-mnist
 INSTALLED := $(VENV)/.installed
 
-.PHONY: help install data test serve evaluate bench-serve models-present clean
+.PHONY: help install data test serve bento evaluate bench-serve models-present clean
 .DEFAULT_GOAL := help
 
 help:
 	@echo "make serve      install, check data and models, serve every endpoint on http://$(HOST):$(PORT)"
 	@echo "make test       install and run the whole test suite"
+	@echo "make bento      import models/ into BentoML's store and build the bento"
 	@echo "make evaluate   evaluate the released models with onnxruntime on the full test split"
 	@echo "make bench-serve  raw onnxruntime vs served throughput and latency"
 
@@ -55,8 +56,15 @@ models-present:
 		exit 1; }
 
 # Server settings are VISIONSERVE_* environment variables (docs/SERVING.md), e.g. VISIONSERVE_WORKERS=2 make serve.
+# models/ goes into BentoML's model store first (idempotent: keyed by each model's SHA-256).
 serve: install data models-present
+	$(BIN)/python -m service.model_store import models
 	$(BIN)/bentoml serve service.classify:Classifier --host $(HOST) --port $(PORT)
+
+# A bento of the service and the store's newest models (bentofile.yaml); `bentoml containerize` takes it from there.
+bento: install models-present
+	$(BIN)/python -m service.model_store import models
+	$(BIN)/bentoml build
 
 # Raw onnxruntime vs served, one run; writes benchmarks/results/serve.{json,md}.
 bench-serve: install data models-present

@@ -1,0 +1,305 @@
+"""Raw onnxruntime in-process vs the same models served over HTTP, in one run.
+
+For every model in models/: median latency and img/s of raw `session.run` at batch 1 and 64, then of the
+served endpoints (1-image and 64-image PNG multipart requests, 64-image .npy tensor requests) from one
+sequential client. Then 32 concurrent single-image Locust clients against several server configurations
+(batched / unbatched, 1 / 2 workers), the chosen one for the full --concurrent-seconds.
+
+Writes benchmarks/results/serve.json and serve.md. A benchmark, not a test: it asserts nothing, it reports
+the targets (64-image CNN >= 80% of raw; 32 clients: 0 errors, p99 <= 100 ms) as met or missed.
+
+    .venv/bin/python benchmarks/bench_serve.py --out benchmarks/results          # make bench-serve
+    .venv/bin/python benchmarks/bench_serve.py --seconds 2 --concurrent-seconds 10 --dry-run
+"""
+
+from __future__ import annotations
+
+import argparse
+import csv
+import io
+import json
+import os
+import platform
+import signal
+import socket
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import httpx
+import numpy as np
+import onnxruntime as ort
+from PIL import Image
+
+REPO = Path(__file__).resolve().parent.parent
+BOUNDARY = "benchboundary7f3a"
+
+# (label, environment) of the server configurations compared at 32 concurrent clients. The first is the
+# default the service ships with and gets every measurement; the others only the concurrency run.
+SHIPPED = {"VISIONSERVE_BATCHING": "on", "VISIONSERVE_WORKERS": "1"}  # the defaults, spelled out
+SERVER_CONFIGS = [
+    ("batched, 1 worker x 2 threads (shipped defaults)", SHIPPED),
+    ("same, access log on (BentoML's default)", {**SHIPPED, "VISIONSERVE_ACCESS_LOG": "on"}),
+    ("same, GC tuning off", {**SHIPPED, "VISIONSERVE_GC_TUNING": "off"}),
+    ("same, onnxruntime spinning on (its default)", {**SHIPPED, "VISIONSERVE_ORT_SPINNING": "on"}),
+    ("unbatched, 1 worker x 2 threads", {**SHIPPED, "VISIONSERVE_BATCHING": "off"}),
+    ("unbatched, 2 workers x 1 thread", {**SHIPPED, "VISIONSERVE_BATCHING": "off", "VISIONSERVE_WORKERS": "2"}),
+    ("batched, 2 workers x 1 thread", {**SHIPPED, "VISIONSERVE_WORKERS": "2"}),
+]
+
+
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--models", default=str(REPO / "models"))
+    p.add_argument("--out", default=str(REPO / "benchmarks" / "results"))
+    p.add_argument("--seconds", type=float, default=5.0, help="per sequential measurement")
+    p.add_argument("--concurrent-seconds", type=int, default=60, help="32-client run of the shipped config")
+    p.add_argument("--compare-seconds", type=int, default=20, help="32-client runs of the other configs")
+    p.add_argument("--users", type=int, default=32)
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--dry-run", action="store_true", help="measure but do not write results")
+    return p.parse_args(argv)
+
+
+# --- inputs -------------------------------------------------------------------------------------------
+
+def test_images(count: int, seed: int) -> np.ndarray:
+    """`count` Fashion-MNIST test images, uint8 [N, 28, 28], a seeded sample."""
+    sys.path.insert(0, str(REPO))
+    from training.data import load_dataset
+
+    images = load_dataset("fashion-mnist", "test").images[:, 0].numpy()
+    return images[np.random.default_rng(seed).choice(len(images), count, replace=False)]
+
+
+def png(pixels: np.ndarray) -> bytes:
+    buffer = io.BytesIO()
+    Image.fromarray(pixels).save(buffer, format="PNG")
+    return buffer.getvalue()
+
+
+def multipart_body(pngs: list[bytes], model: str) -> bytes:
+    """Built once per measurement so that the client's time goes to sending, not encoding."""
+    parts = [f"--{BOUNDARY}\r\nContent-Disposition: form-data; name=\"model\"\r\n\r\n{model}\r\n".encode()]
+    for data in pngs:
+        parts.append(f"--{BOUNDARY}\r\nContent-Disposition: form-data; name=\"images\"; filename=\"x.png\"\r\n"
+                     f"Content-Type: image/png\r\n\r\n".encode() + data + b"\r\n")
+    return b"".join(parts) + f"--{BOUNDARY}--\r\n".encode()
+
+
+def npy_body(images: np.ndarray) -> bytes:
+    buffer = io.BytesIO()
+    np.save(buffer, images)
+    return buffer.getvalue()
+
+
+# --- measurements -------------------------------------------------------------------------------------
+
+def summarise(latencies_s: list[float], images_per_call: int) -> dict:
+    latencies = np.array(latencies_s)
+    median = float(np.median(latencies))
+    return {"calls": len(latencies), "images_per_call": images_per_call,
+            "p50_ms": round(median * 1e3, 3), "p99_ms": round(float(np.percentile(latencies, 99)) * 1e3, 3),
+            "img_per_s_at_median": round(images_per_call / median, 1)}
+
+
+def raw_onnxruntime(model_path: Path, images: np.ndarray, threads: int, seconds: float) -> dict:
+    options = ort.SessionOptions()
+    options.intra_op_num_threads = threads
+    options.inter_op_num_threads = 1
+    session = ort.InferenceSession(str(model_path), options, providers=["CPUExecutionProvider"])
+    feed = {"pixels": np.ascontiguousarray(images[:, None])}
+    for _ in range(5):
+        session.run(["probabilities"], feed)
+    latencies, deadline = [], time.perf_counter() + seconds
+    while time.perf_counter() < deadline or len(latencies) < 20:
+        start = time.perf_counter()
+        session.run(["probabilities"], feed)
+        latencies.append(time.perf_counter() - start)
+    return summarise(latencies, len(images))
+
+
+def served_sequential(client: httpx.Client, path: str, body: bytes, content_type: str, images_per_call: int,
+                      seconds: float) -> dict:
+    headers = {"Content-Type": content_type}
+    for _ in range(5):
+        client.post(path, content=body, headers=headers).raise_for_status()
+    latencies, errors, deadline = [], 0, time.perf_counter() + seconds
+    while time.perf_counter() < deadline or len(latencies) < 20:
+        start = time.perf_counter()
+        response = client.post(path, content=body, headers=headers)
+        latencies.append(time.perf_counter() - start)
+        errors += response.status_code != 200
+    return {**summarise(latencies, images_per_call), "errors": errors}
+
+
+def locust_closed_loop(url: str, users: int, seconds: int, images_npy: Path, workdir: Path) -> dict:
+    prefix = workdir / "locust"
+    command = [str(Path(sys.executable).parent / "locust"), "-f", str(REPO / "benchmarks" / "locust_single_image.py"),
+               "--headless", "-u", str(users), "-r", str(users), "-t", f"{seconds}s", "-H", url,
+               "--csv", str(prefix), "--only-summary", "--loglevel", "WARNING", "--stop-timeout", "5"]
+    subprocess.run(command, env={**os.environ, "BENCH_IMAGES_NPY": str(images_npy)}, capture_output=True,
+                   timeout=seconds + 120)
+    with open(f"{prefix}_stats.csv") as f:
+        row = next(r for r in csv.DictReader(f) if r["Name"] == "Aggregated")
+    requests, failures = int(row["Request Count"]), int(row["Failure Count"])
+    return {"users": users, "seconds": seconds, "requests": requests, "errors": failures,
+            "req_per_s": round(float(row["Requests/s"]), 1), "p50_ms": float(row["50%"]),
+            "p99_ms": float(row["99%"])}
+
+
+# --- the server ---------------------------------------------------------------------------------------
+
+def free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+def start_server(env: dict[str, str], models_dir: str, log_path: Path) -> tuple[subprocess.Popen, str]:
+    port = free_port()
+    process = subprocess.Popen(
+        [str(Path(sys.executable).parent / "bentoml"), "serve", "service.classify:Classifier", "--port", str(port),
+         "--host", "127.0.0.1"],
+        cwd=REPO, env={**os.environ, **env, "VISIONSERVE_MODELS_DIR": models_dir, "BENTOML_DO_NOT_TRACK": "True"},
+        stdout=open(log_path, "wb"), stderr=subprocess.STDOUT, start_new_session=True)
+    url = f"http://127.0.0.1:{port}"
+    deadline = time.monotonic() + 180
+    while time.monotonic() < deadline:
+        if process.poll() is not None:
+            raise RuntimeError(f"server exited: {log_path.read_text()}")
+        try:
+            if httpx.get(url + "/readyz", timeout=2).status_code == 200:
+                return process, url
+        except httpx.TransportError:
+            pass
+        time.sleep(0.3)
+    stop_server(process)
+    raise RuntimeError(f"server not ready: {log_path.read_text()}")
+
+
+def stop_server(process: subprocess.Popen) -> None:
+    os.killpg(process.pid, signal.SIGTERM)
+    try:
+        process.wait(timeout=20)
+    except subprocess.TimeoutExpired:
+        os.killpg(process.pid, signal.SIGKILL)
+
+
+# --- report -------------------------------------------------------------------------------------------
+
+def markdown_report(results: dict) -> str:
+    lines = ["# Serving benchmark: raw onnxruntime vs served", "",
+             f"{results['machine']['cpus']} CPUs ({results['machine']['processor']}), load average at start "
+             f"{results['machine']['load_average_start']}, at end {results['machine']['load_average_end']}; "
+             f"onnxruntime {results['machine']['onnxruntime']}, provider {results['machine']['provider']}. "
+             f"Command: `{results['command']}`. Medians over {results['seconds']} s per cell; "
+             "ratios are served img/s at the median latency over raw img/s at the same batch size.", "",
+             "| model | request | raw p50 ms | raw img/s | served p50 ms | served p99 ms | served img/s | served / raw |",
+             "|---|---|---:|---:|---:|---:|---:|---:|"]
+    for name, cells in results["served"].items():
+        for request, cell in cells.items():
+            raw = results["raw"][name][str(cell["images_per_call"])]
+            lines.append(f"| {name} | {request} | {raw['p50_ms']} | {raw['img_per_s_at_median']} | {cell['p50_ms']} | "
+                         f"{cell['p99_ms']} | {cell['img_per_s_at_median']} | {cell['ratio_to_raw']:.2f} |")
+    lines += ["", f"32 concurrent single-image PNG clients (Locust, closed loop), default model "
+              f"`{results['default_model']}`:", "",
+              "| server configuration | seconds | requests | errors | req/s | p50 ms | p99 ms |",
+              "|---|---:|---:|---:|---:|---:|---:|"]
+    for run in results["concurrency"]:
+        lines.append(f"| {run['config']} | {run['seconds']} | {run['requests']} | {run['errors']} | {run['req_per_s']} "
+                     f"| {run['p50_ms']} | {run['p99_ms']} |")
+    lines += ["", "Targets:", ""]
+    for target, verdict in results["targets"].items():
+        lines.append(f"- {target}: {verdict}")
+    return "\n".join(lines) + "\n"
+
+
+def main(args: argparse.Namespace) -> dict:
+    models_dir = Path(args.models)
+    names = sorted(p.parent.name for p in models_dir.glob("*/model.onnx"))
+    cards = {name: json.loads((models_dir / name / "card.json").read_text()) for name in names}
+    threads = len(os.sched_getaffinity(0))
+    images = test_images(64, args.seed)
+    load_start = os.getloadavg()
+
+    raw = {}
+    for name in names:
+        raw[name] = {str(batch): raw_onnxruntime(models_dir / name / "model.onnx", images[:batch], threads, args.seconds)
+                     for batch in (1, 64)}
+        print(name, "raw", raw[name], flush=True)
+
+    workdir = Path(tempfile.mkdtemp(prefix="bench-serve-"))
+    images_npy = workdir / "images.npy"
+    np.save(images_npy, images)
+    pngs = [png(image) for image in images]
+    served, concurrency, provider, default_model, batch_sizes = {}, [], None, None, {}
+    for index, (label, env) in enumerate(SERVER_CONFIGS):
+        process, url = start_server(env, str(models_dir), workdir / f"server-{index}.log")
+        try:
+            described = httpx.get(url + "/models", timeout=10).json()
+            default_model = described["default"]
+            if index == 0:
+                provider = sorted({m["provider"] for m in described["models"] if m["provider"]})
+                with httpx.Client(base_url=url, timeout=120) as client:
+                    for name in names:
+                        multipart = f"multipart/form-data; boundary={BOUNDARY}"
+                        cells = {
+                            "1 png": served_sequential(client, "/classify", multipart_body(pngs[:1], name), multipart,
+                                                       1, args.seconds),
+                            "64 png": served_sequential(client, "/classify", multipart_body(pngs, name), multipart,
+                                                        64, args.seconds),
+                            "64 tensor": served_sequential(client, f"/classify/tensor?model={name}", npy_body(images),
+                                                           "application/octet-stream", 64, args.seconds),
+                        }
+                        for cell in cells.values():
+                            cell["ratio_to_raw"] = round(cell["img_per_s_at_median"]
+                                                         / raw[name][str(cell["images_per_call"])]["img_per_s_at_median"], 3)
+                        served[name] = cells
+                        print(name, "served", cells, flush=True)
+            seconds = args.concurrent_seconds if index == 0 else args.compare_seconds
+            run = {"config": label, "env": env,
+                   **locust_closed_loop(url, args.users, seconds, images_npy, workdir)}
+            batch_sizes[label] = httpx.get(url + "/models", timeout=10).json()["serving"]["batch_sizes_seen"]
+            concurrency.append(run)
+            print(run, flush=True)
+        finally:
+            stop_server(process)
+
+    shipped = concurrency[0]
+    targets = {}
+    if "cnn" in served:
+        ratio = served["cnn"]["64 png"]["ratio_to_raw"]
+        tensor_ratio = served["cnn"]["64 tensor"]["ratio_to_raw"]
+        targets["CNN 64-image requests >= 80% of raw onnxruntime img/s"] = (
+            f"PNG multipart {ratio:.0%} ({'met' if ratio >= 0.8 else 'missed'}), "
+            f".npy tensor {tensor_ratio:.0%} ({'met' if tensor_ratio >= 0.8 else 'missed'})")
+    else:
+        targets["CNN 64-image requests >= 80% of raw onnxruntime img/s"] = "no cnn model in models/ at this run"
+    targets["32 concurrent 1-image clients: 0 errors, p99 <= 100 ms"] = (
+        f"{shipped['errors']} errors, p99 {shipped['p99_ms']} ms over {shipped['seconds']} s "
+        f"({'met' if shipped['errors'] == 0 and shipped['p99_ms'] <= 100 else 'missed'})")
+    results = {
+        "command": "python benchmarks/bench_serve.py " + " ".join(sys.argv[1:]),
+        "machine": {"cpus": threads, "processor": platform.processor() or platform.machine(),
+                    "load_average_start": [round(x, 2) for x in load_start],
+                    "load_average_end": [round(x, 2) for x in os.getloadavg()],
+                    "onnxruntime": ort.__version__, "provider": provider},
+        "seconds": args.seconds, "models": {name: cards[name].get("version") for name in names},
+        "default_model": default_model, "raw": raw, "served": served, "concurrency": concurrency,
+        "batch_sizes_seen_after_concurrency": batch_sizes, "targets": targets,
+    }
+    report = markdown_report(results)
+    print(report)
+    if not args.dry_run:
+        out = Path(args.out)
+        out.mkdir(parents=True, exist_ok=True)
+        (out / "serve.json").write_text(json.dumps(results, indent=2) + "\n")
+        (out / "serve.md").write_text(report)
+    return results
+
+
+if __name__ == "__main__":
+    main(parse_args())

@@ -1,0 +1,114 @@
+"""Adaptive batching of concurrent requests into one model call.
+
+Written here rather than using BentoML's batchable API because that dispatcher is only reachable
+through BentoML's typed-API layer, which costs more than these models (GUIDE, front-end cost), and
+because it sheds queued requests with 503 whenever its latency estimate exceeds max_latency_ms.
+
+The policy is "batch what is waiting": while one batch runs on the model, new requests queue; the
+next call takes everything queued, up to max_batch_size images. Under light load a request runs
+alone at once (no timer adds latency); under heavy load batches grow by themselves. The only
+shedding is an explicit bound on queued images, answered with 503 and Retry-After.
+"""
+
+from __future__ import annotations
+
+import asyncio
+from collections import deque
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass
+from typing import Callable
+
+import numpy as np
+
+from .errors import ApiError
+
+
+@dataclass
+class _Pending:
+    pixels: np.ndarray
+    future: asyncio.Future
+
+
+class AdaptiveBatcher:
+    """Coalesces concurrent `infer` calls for one model into batched calls of `run_batch` on one thread."""
+
+    def __init__(self, run_batch: Callable[[np.ndarray], np.ndarray], max_batch_size: int,
+                 max_queued_images: int, retry_after_seconds: int, name: str) -> None:
+        self._run_batch = run_batch
+        self._max_batch_size = max_batch_size
+        self._max_queued_images = max_queued_images
+        self._retry_after_seconds = retry_after_seconds
+        # One thread per model: batches for a model run one after another, each using the
+        # session's intra-op threads; the event loop stays free to parse the next requests.
+        self._executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix=f"batch-{name}")
+        self._queue: deque[_Pending] = deque()
+        self._queued_images = 0
+        self._wakeup: asyncio.Event | None = None
+        self._drain_task: asyncio.Task | None = None
+        self.batch_sizes_seen: dict[int, int] = {}
+
+    def reject_if_overloaded(self, images: int) -> None:
+        if self._queued_images + images > self._max_queued_images:
+            raise ApiError(503, "overloaded",
+                           f"{self._queued_images} images are already waiting for this model; retry shortly",
+                           headers={"Retry-After": str(self._retry_after_seconds)})
+
+    async def infer(self, pixels: np.ndarray) -> np.ndarray:
+        self.reject_if_overloaded(len(pixels))
+        loop = asyncio.get_running_loop()
+        if self._drain_task is None or self._drain_task.done():
+            # Started lazily: the service is constructed before the server's event loop serves requests.
+            self._wakeup = asyncio.Event()
+            self._drain_task = loop.create_task(self._drain_forever())
+        pending = _Pending(pixels, loop.create_future())
+        self._queue.append(pending)
+        self._queued_images += len(pixels)
+        self._wakeup.set()
+        return await pending.future
+
+    def _take_batch(self) -> list[_Pending]:
+        taken, images = [], 0
+        while self._queue and (not taken or images + len(self._queue[0].pixels) <= self._max_batch_size):
+            pending = self._queue.popleft()
+            taken.append(pending)
+            images += len(pending.pixels)
+        self._queued_images -= images
+        return taken
+
+    async def _drain_forever(self) -> None:
+        loop = asyncio.get_running_loop()
+        while True:
+            await self._wakeup.wait()
+            self._wakeup.clear()
+            while self._queue:
+                batch = [p for p in self._take_batch() if not p.future.cancelled()]
+                if not batch:
+                    continue
+                pixels = batch[0].pixels if len(batch) == 1 else np.concatenate([p.pixels for p in batch])
+                self.batch_sizes_seen[len(pixels)] = self.batch_sizes_seen.get(len(pixels), 0) + 1
+                try:
+                    outputs = await loop.run_in_executor(self._executor, self._run_batch, pixels)
+                except Exception as exc:  # delivered to every waiting request, never kills the loop
+                    for p in batch:
+                        if not p.future.done():
+                            p.future.set_exception(exc)
+                    continue
+                start = 0
+                for p in batch:
+                    end = start + len(p.pixels)
+                    if not p.future.done():  # the client may have gone away
+                        p.future.set_result(outputs[start:end])
+                    start = end
+
+
+class DirectRunner:
+    """The unbatched alternative (VISIONSERVE_BATCHING=off): each request is its own model call,
+    run concurrently on a thread pool. Kept so batched vs unbatched can be measured on one build."""
+
+    def __init__(self, run_batch: Callable[[np.ndarray], np.ndarray], threads: int, name: str) -> None:
+        self._run_batch = run_batch
+        self._executor = ThreadPoolExecutor(max_workers=threads, thread_name_prefix=f"direct-{name}")
+        self.batch_sizes_seen: dict[int, int] = {}
+
+    async def infer(self, pixels: np.ndarray) -> np.ndarray:
+        return await asyncio.get_running_loop().run_in_executor(self._executor, self._run_batch, pixels)

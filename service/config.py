@@ -1,0 +1,122 @@
+"""Serving configuration, read from environment variables so that `bentoml serve`, `make serve`,
+a container and the tests can all change it without code edits.
+
+Every variable is optional; the defaults are safe for a public endpoint on a small machine.
+See docs/SERVING.md for the table of variables.
+"""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Mapping
+
+ENV_PREFIX = "VISIONSERVE_"
+
+
+def _int(environ: Mapping[str, str], name: str, default: int, minimum: int = 1) -> int:
+    raw = environ.get(ENV_PREFIX + name)
+    if raw is None or raw == "":
+        return default
+    value = int(raw)
+    if value < minimum:
+        raise ValueError(f"{ENV_PREFIX}{name}={raw}: must be >= {minimum}")
+    return value
+
+
+def available_cores() -> int:
+    # sched_getaffinity honours taskset/cgroup CPU pinning, which os.cpu_count() ignores.
+    return len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
+
+
+def workers_from_environment(environ: Mapping[str, str] = os.environ) -> int:
+    """BentoML fixes the worker count when the service class is declared, so this one value is read there."""
+    return _int(environ, "WORKERS", 1)
+
+
+def access_log_from_environment(environ: Mapping[str, str] = os.environ) -> bool:
+    """BentoML's per-request access log, also fixed at class declaration. Off by default: at 32 clients
+    on 2 cores it cost 10-15% of requests/s (benchmarks/results/serve.md)."""
+    value = environ.get(ENV_PREFIX + "ACCESS_LOG", "off").lower()
+    if value not in ("on", "off"):
+        raise ValueError(f"{ENV_PREFIX}ACCESS_LOG={value}: choose on or off")
+    return value == "on"
+
+
+@dataclass(frozen=True)
+class RequestLimits:
+    """What one request may ask of the server. Each one has a test in tests/test_service_limits.py."""
+
+    max_body_bytes: int = 32 * 1024 * 1024  # 64 PNGs of a phone photo fit; a 1 GB upload does not
+    max_images_per_request: int = 256  # the benchmark sends 64; beyond 256, split the request
+    max_pixels_per_image: int = 40_000_000  # a 40 MP photo; also Pillow's decompression-bomb threshold
+    max_form_field_bytes: int = 64 * 1024  # non-file multipart fields are short parameters
+
+    @classmethod
+    def from_environ(cls, environ: Mapping[str, str] = os.environ) -> "RequestLimits":
+        defaults = cls()
+        return cls(
+            max_body_bytes=_int(environ, "MAX_BODY_BYTES", defaults.max_body_bytes),
+            max_images_per_request=_int(environ, "MAX_IMAGES", defaults.max_images_per_request),
+            max_pixels_per_image=_int(environ, "MAX_PIXELS", defaults.max_pixels_per_image),
+            max_form_field_bytes=_int(environ, "MAX_FIELD_BYTES", defaults.max_form_field_bytes),
+        )
+
+
+@dataclass(frozen=True)
+class InferenceConfig:
+    """How model calls are run: threads, batching and back-pressure."""
+
+    workers: int
+    intra_op_threads: int
+    provider: str  # "auto" (CUDA when a GPU really runs, else CPU), "cpu" or "cuda"
+    batching: bool
+    max_batch_size: int
+    # Images waiting for a model before new requests get 503 + Retry-After. In a closed loop the
+    # queue never exceeds the number of clients times their images, so only real overload sheds.
+    max_queued_images: int
+    retry_after_seconds: int
+    allow_spinning: bool  # onnxruntime's busy-waiting intra-op threads; off leaves CPU to the HTTP front
+    tune_gc: bool  # gc.freeze() after start-up and a larger young generation: no long collection pauses
+
+    @classmethod
+    def from_environ(cls, environ: Mapping[str, str] = os.environ) -> "InferenceConfig":
+        workers = workers_from_environment(environ)
+        provider = environ.get(ENV_PREFIX + "PROVIDER", "auto").lower()
+        if provider not in ("auto", "cpu", "cuda"):
+            raise ValueError(f"{ENV_PREFIX}PROVIDER={provider}: choose auto, cpu or cuda")
+        batching = environ.get(ENV_PREFIX + "BATCHING", "on").lower()
+        if batching not in ("on", "off"):
+            raise ValueError(f"{ENV_PREFIX}BATCHING={batching}: choose on or off")
+        return cls(
+            workers=workers,
+            # One worker per core at most is useful; threads split the cores so workers do not
+            # oversubscribe them (GUIDE: each session uses every core by default).
+            intra_op_threads=_int(environ, "THREADS", max(1, available_cores() // workers)),
+            provider=provider,
+            batching=batching == "on",
+            max_batch_size=_int(environ, "MAX_BATCH_SIZE", 256),
+            max_queued_images=_int(environ, "MAX_QUEUED_IMAGES", 2048),
+            retry_after_seconds=_int(environ, "RETRY_AFTER", 1),
+            allow_spinning=environ.get(ENV_PREFIX + "ORT_SPINNING", "off").lower() == "on",
+            tune_gc=environ.get(ENV_PREFIX + "GC_TUNING", "on").lower() == "on",
+        )
+
+
+@dataclass(frozen=True)
+class ServingConfig:
+    # None: the newest version of each model in BentoML's model store (`make serve` imports models/ there);
+    # a folder: its <name>/{model.onnx, card.json} directly, bypassing the store (development, tests).
+    models_dir: Path | None
+    limits: RequestLimits
+    inference: InferenceConfig
+
+    @classmethod
+    def from_environ(cls, environ: Mapping[str, str] = os.environ) -> "ServingConfig":
+        folder = environ.get(ENV_PREFIX + "MODELS_DIR")
+        return cls(
+            models_dir=Path(folder) if folder else None,
+            limits=RequestLimits.from_environ(environ),
+            inference=InferenceConfig.from_environ(environ),
+        )

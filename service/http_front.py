@@ -1,0 +1,222 @@
+"""The lean HTTP front shared by every task service: body limit, parameter parsing, image upload reading.
+
+Each task service mounts a plain Starlette app with `@bentoml.asgi_app`; BentoML keeps /livez,
+/readyz, /metrics and its docs, while parsing, limits and error mapping stay here, in our hands
+(BentoML's typed-API layer costs more than our models, sets no body limit, and downloads URLs sent
+in file fields; none of that is on this path).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import base64
+import binascii
+import io
+import json
+from typing import Callable, Literal, Mapping
+
+import numpy as np
+from pydantic import BaseModel, ConfigDict, Field, ValidationError
+from starlette.datastructures import UploadFile
+from starlette.exceptions import HTTPException
+from starlette.formparsers import MultiPartException
+from starlette.requests import Request
+from starlette.types import ASGIApp, Message, Receive, Scope, Send
+
+from .config import RequestLimits
+from .errors import ApiError, error_body
+from .images import InputSpec, InvertMode, decode_image, fit_to_input_spec
+
+# Decoding a few small images costs less than a thread hop; big ones go to a thread so that one
+# large photo does not stall every other request on the event loop.
+INLINE_DECODE_BYTES = 256 * 1024
+
+
+class RequestBodyLimit:
+    """ASGI middleware: 413 for bodies over the limit, by Content-Length or while streaming (chunked).
+
+    `max_body_bytes` is a callable because the limit lives in the service instance's configuration,
+    which exists only once the worker has started.
+    """
+
+    def __init__(self, app: ASGIApp, max_body_bytes: Callable[[], int]) -> None:
+        self.app = app
+        self.max_body_bytes = max_body_bytes
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] != "http":
+            await self.app(scope, receive, send)
+            return
+        limit = self.max_body_bytes()
+        declared = dict(scope["headers"]).get(b"content-length")
+        if declared is not None and declared.isdigit() and int(declared) > limit:
+            await self._send_too_large(send, limit)
+            return
+        received = 0
+
+        async def counting_receive() -> Message:
+            nonlocal received
+            message = await receive()
+            if message["type"] == "http.request":
+                received += len(message.get("body", b""))
+                if received > limit:
+                    raise body_too_large(limit)
+            return message
+
+        await self.app(scope, counting_receive, send)
+
+    @staticmethod
+    async def _send_too_large(send: Send, limit: int) -> None:
+        body = json.dumps(error_body("body_too_large", f"request body is over the limit of {limit} bytes")).encode()
+        await send({"type": "http.response.start", "status": 413,
+                    "headers": [(b"content-type", b"application/json"), (b"content-length", str(len(body)).encode()),
+                                (b"connection", b"close")]})
+        await send({"type": "http.response.body", "body": body})
+
+
+def body_too_large(limit: int) -> ApiError:
+    return ApiError(413, "body_too_large", f"request body is over the limit of {limit} bytes")
+
+
+class ImageParams(BaseModel):
+    """Parameters every image endpoint accepts, from a form, a query string or a JSON body."""
+
+    model_config = ConfigDict(extra="ignore", protected_namespaces=())
+    model: str | None = Field(None, description="model name; default: the most accurate by its card")
+    top_k: int = Field(3, ge=1, le=10, description="how many classes to return per image")
+    invert: Literal["auto", "true", "false"] = Field(
+        "auto", description="auto: invert when the image border is brighter than its centre")
+
+
+class Base64ImagesRequest(ImageParams):
+    images: list[str] = Field(..., min_length=1, description="base64 image files (data: URLs accepted)")
+
+
+def field_path(location: tuple) -> str:
+    """pydantic's ("images", 0) -> "images[0]", the way the other errors name fields."""
+    path = ""
+    for part in location:
+        path += f"[{part}]" if isinstance(part, int) else (f".{part}" if path else str(part))
+    return path or "body"
+
+
+def validation_error(exc: ValidationError) -> ApiError:
+    first = exc.errors()[0]
+    field = field_path(tuple(first.get("loc", ())))
+    if first.get("type") == "json_invalid":
+        return ApiError(400, "invalid_json", f"request body is not valid JSON: {first.get('msg')}")
+    return ApiError(422, "invalid_parameter", f"{field}: {first.get('msg')}", field)
+
+
+def parse_params(model: type[BaseModel], values: Mapping[str, object]) -> BaseModel:
+    try:
+        return model.model_validate(dict(values))
+    except ValidationError as exc:
+        raise validation_error(exc) from None
+
+
+def check_image_count(count: int, limits: RequestLimits, field: str = "images") -> None:
+    if count == 0:
+        raise ApiError(422, "missing_images", f"send at least one image in '{field}'", field)
+    if count > limits.max_images_per_request:
+        raise ApiError(413, "too_many_images",
+                       f"{count} images in one request; the limit is {limits.max_images_per_request}", field)
+
+
+def multipart_error(exc: Exception, limits: RequestLimits) -> ApiError:
+    # Starlette reports its multipart limits only as messages; map the ones that are limits to 413.
+    message = str(getattr(exc, "detail", None) or getattr(exc, "message", None) or exc)
+    if message.startswith("Too many files"):
+        return ApiError(413, "too_many_images", f"the limit is {limits.max_images_per_request} images", "images")
+    if "exceeded maximum size" in message:
+        return ApiError(413, "field_too_large",
+                        f"a non-file form field is over {limits.max_form_field_bytes} bytes")
+    if message.startswith("Too many fields"):
+        return ApiError(413, "too_many_fields", message)
+    return ApiError(400, "invalid_multipart", f"malformed multipart body: {message}")
+
+
+async def read_multipart_upload(request: Request, limits: RequestLimits,
+                                file_field: str = "images") -> tuple[list[tuple[str, bytes]], dict[str, str]]:
+    """The uploaded files of `file_field` in request order, and the other (string) form fields."""
+    content_type = request.headers.get("content-type", "")
+    if not content_type.startswith("multipart/form-data"):
+        raise ApiError(415, "unsupported_media_type",
+                       f"send multipart/form-data with files in '{file_field}' (got {content_type or 'no content type'})")
+    try:
+        form = await request.form(max_files=limits.max_images_per_request, max_fields=32,
+                                  max_part_size=limits.max_form_field_bytes)
+    except ApiError:
+        raise
+    except (HTTPException, MultiPartException) as exc:
+        raise multipart_error(exc, limits) from None
+    try:
+        files: list[tuple[str, bytes]] = []
+        for index, item in enumerate(form.getlist(file_field)):
+            # A plain string in a file field is refused, never fetched as a URL (BentoML's
+            # ensure_file would download it: a server-side request forgery).
+            if not isinstance(item, UploadFile):
+                raise ApiError(422, "not_a_file",
+                               f"'{file_field}' item {index} is a text field; upload the image file itself",
+                               file_field)
+            files.append((f"{file_field}[{index}]", await item.read()))
+        fields = {key: value for key, value in form.multi_items() if isinstance(value, str) and key != file_field}
+    finally:
+        await form.close()
+    check_image_count(len(files), limits, file_field)
+    return files, fields
+
+
+def decode_base64_images(encoded: list[str], field: str = "images") -> list[tuple[str, bytes]]:
+    decoded = []
+    for index, text in enumerate(encoded):
+        if text.startswith("data:"):
+            text = text.partition(",")[2]  # data:image/png;base64,<payload>
+        try:
+            decoded.append((f"{field}[{index}]", base64.b64decode(text, validate=True)))
+        except (binascii.Error, ValueError):
+            raise ApiError(400, "invalid_base64", f"{field}[{index}] is not valid base64", f"{field}[{index}]") from None
+    return decoded
+
+
+def fit_all(files: list[tuple[str, bytes]], spec: InputSpec, invert: InvertMode,
+            max_pixels: int) -> tuple[np.ndarray, list[bool]]:
+    """Decode and fit every image; uint8 [N, C, H, W] and which ones were inverted."""
+    fitted, inverted = [], []
+    for field, data in files:
+        image = decode_image(data, max_pixels, field)
+        try:
+            pixels, was_inverted = fit_to_input_spec(image, spec, invert)
+        except (ValueError, OSError) as exc:  # e.g. a LAB TIFF: Pillow decodes it but cannot convert it
+            raise ApiError(415, "unsupported_image", f"image mode {image.mode} cannot be fitted: {exc}", field) from None
+        fitted.append(pixels)
+        inverted.append(was_inverted)
+    return np.stack(fitted), inverted
+
+
+async def fit_all_off_loop_if_large(files: list[tuple[str, bytes]], spec: InputSpec, invert: InvertMode,
+                                    max_pixels: int) -> tuple[np.ndarray, list[bool]]:
+    if sum(len(data) for _, data in files) <= INLINE_DECODE_BYTES:
+        return fit_all(files, spec, invert, max_pixels)
+    return await asyncio.to_thread(fit_all, files, spec, invert, max_pixels)
+
+
+def load_npy_tensor(body: bytes, spec: InputSpec, limits: RequestLimits) -> np.ndarray:
+    """An .npy body of uint8 [N, H, W] or [N, C, H, W] -> uint8 [N, C, H, W]; never unpickles."""
+    try:
+        array = np.load(io.BytesIO(body), allow_pickle=False)
+    except Exception as exc:  # numpy raises ValueError, EOFError, OSError... for non-.npy bytes
+        raise ApiError(422, "invalid_tensor", f"body is not a .npy array: {exc}", "body") from None
+    if not isinstance(array, np.ndarray):  # an .npz archive loads as a mapping
+        raise ApiError(422, "invalid_tensor", "body must be a single .npy array, not an .npz archive", "body")
+    if array.dtype != np.uint8:
+        raise ApiError(422, "invalid_tensor", f"dtype must be uint8, got {array.dtype}", "body")
+    expected = (spec.channels, spec.height, spec.width)
+    if array.ndim == 3 and spec.channels == 1 and array.shape[1:] == expected[1:]:
+        array = array[:, None]
+    if array.ndim != 4 or array.shape[1:] != expected:
+        raise ApiError(422, "invalid_tensor",
+                       f"shape must be [N,{spec.height},{spec.width}] or [N,{','.join(map(str, expected))}], "
+                       f"got {list(array.shape)}", "body")
+    check_image_count(len(array), limits, "body")
+    return np.ascontiguousarray(array)

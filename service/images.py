@@ -1,0 +1,128 @@
+"""Image decoding and fitting to a model's input spec, shared by every image-taking service.
+
+All decoding is Pillow's; this module only decides what to do with the decoded image and turns
+Pillow's many exceptions into the API's 4xx errors.
+"""
+
+from __future__ import annotations
+
+import io
+from dataclasses import dataclass
+from typing import Literal
+
+import numpy as np
+from PIL import Image, ImageOps, UnidentifiedImageError
+
+from .errors import ApiError
+
+InvertMode = Literal["auto", "true", "false"]
+
+
+@dataclass(frozen=True)
+class InputSpec:
+    """The part of a model card that says how an arbitrary image becomes the model's input."""
+
+    channels: int
+    height: int
+    width: int
+    padding_value: int
+    light_on_dark: bool  # the training images' polarity: light object on a dark background
+
+    @classmethod
+    def from_card(cls, card: dict) -> "InputSpec":
+        spec = card["input"]
+        fit = spec.get("fit", {})
+        return cls(
+            channels=int(spec["channels"]),
+            height=int(spec["height"]),
+            width=int(spec["width"]),
+            padding_value=int(fit.get("padding_value", 0)),
+            light_on_dark=fit.get("polarity", "light-on-dark") == "light-on-dark",
+        )
+
+
+def configure_pillow_limits(max_pixels_per_image: int) -> None:
+    """Pillow's decompression-bomb guard is process-wide; align it with our per-image limit.
+
+    Pillow warns above MAX_IMAGE_PIXELS and raises above twice that; turning the warning into an
+    error makes both cases a clean 413 instead of a log line followed by a huge decode.
+    """
+    import warnings
+
+    Image.MAX_IMAGE_PIXELS = max_pixels_per_image
+    warnings.simplefilter("error", Image.DecompressionBombWarning)
+
+
+def too_many_pixels(width: int, height: int, max_pixels: int, field: str) -> ApiError:
+    return ApiError(413, "too_many_pixels",
+                    f"image is {width}x{height} = {width * height} pixels; the limit is {max_pixels}", field)
+
+
+def decode_image(data: bytes, max_pixels: int, field: str) -> Image.Image:
+    """Decode the first frame of any Pillow-readable image, refusing oversized ones before decoding."""
+    try:
+        image = Image.open(io.BytesIO(data))
+    except (Image.DecompressionBombError, Image.DecompressionBombWarning):
+        raise ApiError(413, "too_many_pixels", f"image exceeds the limit of {max_pixels} pixels", field) from None
+    except UnidentifiedImageError:
+        raise ApiError(415, "unsupported_image",
+                       "not an image Pillow can read (PNG, JPEG, BMP, GIF, WebP, TIFF, ...)", field) from None
+    except Exception as exc:  # Pillow raises many types (SyntaxError, struct.error, ...) for corrupt headers
+        raise ApiError(400, "corrupt_image", f"image could not be decoded: {exc}", field) from None
+    # The header gives the size; refuse before any pixel is decompressed.
+    if image.width * image.height > max_pixels:
+        raise too_many_pixels(image.width, image.height, max_pixels, field)
+    try:
+        image.seek(0)  # first frame of an animated GIF/WebP or multi-page TIFF
+        image.load()
+    except (Image.DecompressionBombError, Image.DecompressionBombWarning):
+        raise too_many_pixels(image.width, image.height, max_pixels, field) from None
+    except Exception as exc:  # truncated data, bad compressed stream, ...
+        raise ApiError(400, "corrupt_image", f"image could not be decoded: {exc}", field) from None
+    return image
+
+
+def composite_on_white(image: Image.Image) -> Image.Image:
+    """Transparent pixels become white, as a viewer shows them; auto-invert then sees a light background."""
+    has_alpha = image.mode in ("RGBA", "LA", "PA") or (image.mode == "P" and "transparency" in image.info)
+    if not has_alpha:
+        return image
+    rgba = image.convert("RGBA")
+    background = Image.new("RGBA", rgba.size, (255, 255, 255, 255))
+    return Image.alpha_composite(background, rgba).convert("RGB")
+
+
+def border_is_brighter_than_centre(gray: np.ndarray) -> bool:
+    """Auto-invert rule: a light border around a darker centre means dark-on-light (a photo on paper)."""
+    height, width = gray.shape
+    ring = max(1, min(height, width) // 10)
+    border = np.concatenate([gray[:ring].ravel(), gray[-ring:].ravel(),
+                             gray[:, :ring].ravel(), gray[:, -ring:].ravel()])
+    centre = gray[height // 4: height - height // 4, width // 4: width - width // 4]
+    if centre.size == 0:
+        centre = gray
+    return float(border.mean()) > float(centre.mean())
+
+
+def fit_to_input_spec(image: Image.Image, spec: InputSpec, invert: InvertMode = "auto") -> tuple[np.ndarray, bool]:
+    """Any decoded image -> uint8 [C, H, W] as the model was trained, and whether it was inverted.
+
+    EXIF orientation, alpha over white, the card's colour mode, polarity, then an aspect-preserving
+    resize into H x W padded with the card's padding value (padding after inversion, so it stays the
+    training background).
+    """
+    image = ImageOps.exif_transpose(image)
+    image = composite_on_white(image)
+    image = image.convert("L" if spec.channels == 1 else "RGB")
+    if invert == "auto":
+        gray = np.asarray(image if spec.channels == 1 else image.convert("L"))
+        inverted = border_is_brighter_than_centre(gray) == spec.light_on_dark
+    else:
+        inverted = invert == "true"
+    if inverted:
+        image = ImageOps.invert(image)
+    padding = spec.padding_value if spec.channels == 1 else (spec.padding_value,) * 3
+    fitted = ImageOps.pad(image, (spec.width, spec.height), method=Image.Resampling.LANCZOS, color=padding)
+    pixels = np.asarray(fitted, dtype=np.uint8)
+    pixels = pixels[None] if spec.channels == 1 else pixels.transpose(2, 0, 1)  # HWC -> CHW
+    return np.ascontiguousarray(pixels), inverted

@@ -1,0 +1,149 @@
+"""Discovering exported models, verifying them against their cards, and running them with onnxruntime.
+
+The ONNX file plus its card.json is the whole contract with training/export (GUIDE): nothing here
+imports torch or training code.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+import onnxruntime as ort
+
+logger = logging.getLogger("bentoml.visionserve")
+
+
+@dataclass
+class ModelEntry:
+    """One folder under models/: its card, and either a ready session or the reason it is unavailable."""
+
+    name: str
+    folder: Path
+    card: dict
+    session: ort.InferenceSession | None = None
+    provider: str | None = None
+    unavailable_reason: str | None = None
+    output_names: list[str] = field(default_factory=list)
+
+    @property
+    def available(self) -> bool:
+        return self.session is not None
+
+    @property
+    def accuracy(self) -> float:
+        return float(self.card.get("metrics", {}).get("accuracy") or 0.0)
+
+    def run(self, pixels: np.ndarray) -> np.ndarray:
+        """uint8 [N, C, H, W] -> probabilities float32 [N, K]. Thread-safe: onnxruntime allows concurrent run()."""
+        assert self.session is not None
+        (probabilities,) = self.session.run(["probabilities"], {"pixels": pixels})
+        return probabilities
+
+    def describe(self) -> dict:
+        """The card as GET /models shows it, plus what the server made of it."""
+        return {
+            **self.card,
+            "status": "available" if self.available else "unavailable",
+            "unavailable_reason": self.unavailable_reason,
+            "provider": self.provider,
+        }
+
+
+def sha256_of_file(path: Path) -> str:
+    digest = hashlib.sha256()
+    with open(path, "rb") as f:
+        for chunk in iter(lambda: f.read(1 << 20), b""):
+            digest.update(chunk)
+    return digest.hexdigest()
+
+
+def discover_model_folders(folders: list[Path], task: str) -> list[ModelEntry]:
+    """The folders whose card.json is of the given task (each folder holds model.onnx and card.json)."""
+    entries = []
+    for folder in folders:
+        card_path = folder / "card.json"
+        try:
+            card = json.loads(card_path.read_text())
+        except (OSError, json.JSONDecodeError) as exc:
+            logger.error("model %s refused: card.json unreadable (%s)", folder.name, exc)
+            entries.append(ModelEntry(folder.name, folder, {"name": folder.name}, unavailable_reason="card.json unreadable"))
+            continue
+        if card.get("task") != task:
+            continue
+        entries.append(ModelEntry(str(card.get("name") or folder.name), folder, card))
+    return entries
+
+
+def cuda_driver_present() -> bool:
+    # onnxruntime-gpu always lists the CUDA provider; only try it where an NVIDIA driver is loaded,
+    # so CPU machines do not log a page of missing-library errors at every start.
+    return Path("/proc/driver/nvidia/version").exists()
+
+
+def preload_cuda_libraries() -> None:
+    """Load pip-installed NVIDIA libraries (cuDNN, cuBLAS) before the first CUDA session."""
+    if hasattr(ort, "preload_dlls"):
+        try:
+            ort.preload_dlls()
+        except Exception as exc:  # missing wheels only mean CUDA will not run; the check below says so
+            logger.warning("onnxruntime.preload_dlls failed: %s", exc)
+
+
+def requested_providers(preference: str) -> list[str]:
+    wants_cuda = preference == "cuda" or (preference == "auto" and cuda_driver_present())
+    if wants_cuda and "CUDAExecutionProvider" in ort.get_available_providers():
+        return ["CUDAExecutionProvider", "CPUExecutionProvider"]
+    return ["CPUExecutionProvider"]
+
+
+def create_session(model_path: Path, intra_op_threads: int, providers: list[str],
+                   allow_spinning: bool = False) -> ort.InferenceSession:
+    options = ort.SessionOptions()
+    options.intra_op_num_threads = intra_op_threads
+    options.inter_op_num_threads = 1  # the graphs are chains; parallel branches would only oversubscribe
+    options.execution_mode = ort.ExecutionMode.ORT_SEQUENTIAL
+    if not allow_spinning:
+        # Idle intra-op threads otherwise busy-wait after each call, taking the CPU the event loop
+        # needs to parse the next requests.
+        options.add_session_config_entry("session.intra_op.allow_spinning", "0")
+    return ort.InferenceSession(str(model_path), options, providers=providers)
+
+
+def load_verified_model(entry: ModelEntry, intra_op_threads: int, providers: list[str],
+                        warmup_batch_sizes: tuple[int, ...], allow_spinning: bool = False) -> None:
+    """Check the checksum against the card, create the session, warm it up; or mark the entry unavailable."""
+    model_path = entry.folder / "model.onnx"
+    if not model_path.is_file():
+        entry.unavailable_reason = "model.onnx missing"
+        logger.error("model %s refused: %s has no model.onnx", entry.name, entry.folder)
+        return
+    expected = entry.card.get("sha256")
+    actual = sha256_of_file(model_path)
+    if actual != expected:
+        entry.unavailable_reason = f"sha256 mismatch: card says {expected}, file is {actual}"
+        logger.error("model %s refused: %s sha256 %s does not match card.json sha256 %s",
+                     entry.name, model_path, actual, expected)
+        return
+    try:
+        session = create_session(model_path, intra_op_threads, providers, allow_spinning)
+        spec = entry.card["input"]
+        for batch_size in warmup_batch_sizes:
+            zeros = np.zeros((batch_size, spec["channels"], spec["height"], spec["width"]), np.uint8)
+            (probabilities,) = session.run(["probabilities"], {"pixels": zeros})
+        if len(entry.card["labels"]) != probabilities.shape[1]:
+            raise ValueError(f"card has {len(entry.card['labels'])} labels, the graph {probabilities.shape[1]} classes")
+    except Exception as exc:  # a broken graph or card must not take the other models down
+        entry.unavailable_reason = f"could not load it: {exc}"
+        logger.error("model %s refused: %s", entry.name, exc)
+        return
+    entry.session = session
+    # onnxruntime-gpu silently falls back to CPU when CUDA libraries are missing: report what runs.
+    entry.provider = session.get_providers()[0]
+    entry.output_names = [output.name for output in session.get_outputs()]
+    logger.info("model %s %s loaded from %s: sha256 verified, provider %s (asked %s), %d intra-op threads",
+                entry.name, entry.card.get("version"), model_path, entry.provider, providers[0], intra_op_threads)

@@ -1,0 +1,165 @@
+"""Fixtures that start the real BentoML server as a subprocess (no mocks) and hold reference data."""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import httpx
+import numpy as np
+import pytest
+
+REPO = Path(__file__).resolve().parent.parent
+MODELS_DIR = REPO / "models"
+READY_LOG_LINE = "classifier ready"
+# Small limits so that each limit can be exceeded cheaply in a test; the defaults have their own test.
+TEST_SERVER_LIMITS = {
+    "VISIONSERVE_MAX_BODY_BYTES": str(4 * 1024 * 1024),
+    "VISIONSERVE_MAX_IMAGES": "300",
+    "VISIONSERVE_MAX_PIXELS": str(2_000_000),
+    "VISIONSERVE_MAX_FIELD_BYTES": "1024",
+}
+
+
+def free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+@dataclass
+class RunningServer:
+    url: str
+    process: subprocess.Popen
+    log_path: Path
+    ready_before_load: bool = False  # /readyz answered 200 before the service logged that models were loaded
+    env: dict = field(default_factory=dict)
+    cards_at_start: dict = field(default_factory=dict)  # the cards on disk when the server started
+
+    def log(self) -> str:
+        return self.log_path.read_text(errors="replace")
+
+
+def start_server(log_path: Path, extra_env: dict[str, str], timeout_s: float = 120) -> RunningServer:
+    port = free_port()
+    env = {**os.environ, **extra_env, "BENTOML_DO_NOT_TRACK": "True"}
+    log_file = open(log_path, "wb")
+    process = subprocess.Popen(
+        [str(Path(sys.executable).parent / "bentoml"), "serve", "service.classify:Classifier",
+         "--host", "127.0.0.1", "--port", str(port)],
+        cwd=REPO, env=env, stdout=log_file, stderr=subprocess.STDOUT, start_new_session=True,
+    )
+    server = RunningServer(f"http://127.0.0.1:{port}", process, log_path, env=extra_env)
+    deadline = time.monotonic() + timeout_s
+    while time.monotonic() < deadline:
+        if process.poll() is not None:
+            raise RuntimeError(f"server exited with {process.returncode}:\n{server.log()}")
+        try:
+            if httpx.get(server.url + "/readyz", timeout=2).status_code == 200:
+                # Checked at the first 200: the load-and-warm-up log line must already be there.
+                server.ready_before_load = READY_LOG_LINE not in server.log()
+                return server
+        except httpx.TransportError:
+            pass
+        time.sleep(0.3)
+    stop_server(server)
+    raise RuntimeError(f"server not ready after {timeout_s} s:\n{server.log()}")
+
+
+def stop_server(server: RunningServer) -> None:
+    # The server runs in its own session: signal its process group (the CLI and its workers) only.
+    try:
+        os.killpg(server.process.pid, signal.SIGTERM)
+        server.process.wait(timeout=20)
+    except (ProcessLookupError, subprocess.TimeoutExpired):
+        try:
+            os.killpg(server.process.pid, signal.SIGKILL)
+        except ProcessLookupError:
+            pass
+
+
+def classification_cards() -> dict[str, dict]:
+    """Cards on disk, read when the tests start (models/ may change between sessions)."""
+    cards = {}
+    for card_path in sorted(MODELS_DIR.glob("*/card.json")):
+        card = json.loads(card_path.read_text())
+        if card.get("task") == "classification":
+            cards[card["name"]] = card
+    return cards
+
+
+def import_into_store(bentoml_home: Path, models_dir: Path = MODELS_DIR) -> subprocess.CompletedProcess:
+    """`python -m service.model_store import` (what `make serve` runs) into a store of the test's own."""
+    env = {**os.environ, "BENTOML_HOME": str(bentoml_home), "BENTOML_DO_NOT_TRACK": "True"}
+    return subprocess.run([sys.executable, "-m", "service.model_store", "import", str(models_dir)], cwd=REPO, env=env,
+                          capture_output=True, text=True, timeout=120)
+
+
+@pytest.fixture(scope="session")
+def store_home(tmp_path_factory) -> Path:
+    """A BentoML home whose model store holds models/, imported the way `make serve` does."""
+    home = tmp_path_factory.mktemp("bentoml-home")
+    result = import_into_store(home)
+    assert result.returncode == 0, result.stderr
+    return home
+
+
+@pytest.fixture(scope="session")
+def server(tmp_path_factory, store_home) -> RunningServer:
+    """The server as `make serve` runs it: models loaded from BentoML's model store."""
+    cards = classification_cards()
+    assert cards, "no classification models in models/"
+    running = start_server(tmp_path_factory.mktemp("server") / "server.log",
+                           {**TEST_SERVER_LIMITS, "BENTOML_HOME": str(store_home)})
+    running.cards_at_start = cards
+    yield running
+    stop_server(running)
+
+
+@pytest.fixture(scope="session")
+def server_url(server) -> str:
+    return server.url
+
+
+@pytest.fixture(scope="session")
+def available_models(server_url) -> dict[str, dict]:
+    """Model name -> its /models description, for the models the server actually loaded."""
+    described = httpx.get(server_url + "/models", timeout=10).json()
+    return {m["name"]: m for m in described["models"] if m["status"] == "available"}
+
+
+@pytest.fixture(scope="session")
+def fashion_test_images() -> tuple[np.ndarray, np.ndarray]:
+    """The first 512 Fashion-MNIST test images, uint8 [N, 1, 28, 28], and their labels."""
+    from training.data import load_dataset
+
+    split = load_dataset("fashion-mnist", "test")
+    return split.images[:512].numpy(), split.labels[:512].numpy()
+
+
+@pytest.fixture(scope="session")
+def tampered_server(tmp_path_factory, fashion_test_images) -> RunningServer:
+    """A second server over a models folder where one model's bytes no longer match its card,
+    and with a queue bound of one image so that overload (503) can be provoked deterministically."""
+    cards = classification_cards()
+    source = MODELS_DIR / next(iter(cards))
+    models = tmp_path_factory.mktemp("models")
+    for name in ("good", "tampered"):
+        shutil.copytree(source, models / name)
+        card = json.loads((models / name / "card.json").read_text())
+        card["name"] = name
+        (models / name / "card.json").write_text(json.dumps(card))
+    with open(models / "tampered" / "model.onnx", "ab") as f:
+        f.write(b"\0")  # one extra byte: a different checksum, same graph
+    running = start_server(tmp_path_factory.mktemp("tampered") / "server.log",
+                           {"VISIONSERVE_MODELS_DIR": str(models), "VISIONSERVE_MAX_QUEUED_IMAGES": "1"})
+    yield running
+    stop_server(running)

@@ -1,0 +1,219 @@
+"""The classification service over HTTP, against a real `bentoml serve` subprocess (tests/conftest.py).
+
+Every prediction is compared with onnxruntime run in this process on the same fitted pixels.
+"""
+
+from __future__ import annotations
+
+import base64
+import io
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+
+import httpx
+import numpy as np
+import onnxruntime as ort
+import pytest
+from PIL import Image
+
+from service.images import InputSpec, decode_image, fit_to_input_spec
+
+pytestmark = pytest.mark.server
+TOLERANCE = 1e-5  # same graph, same provider: only thread-count rounding differs
+MODELS_DIR = Path(__file__).resolve().parent.parent / "models"
+
+
+def png_bytes(pixels_chw: np.ndarray) -> bytes:
+    buffer = io.BytesIO()
+    Image.fromarray(pixels_chw[0]).save(buffer, format="PNG")
+    return buffer.getvalue()
+
+
+@pytest.fixture(scope="session")
+def reference_sessions(available_models) -> dict[str, ort.InferenceSession]:
+    return {name: ort.InferenceSession(str(MODELS_DIR / Path(name) / "model.onnx"), providers=["CPUExecutionProvider"])
+            for name in available_models}
+
+
+def reference_probabilities(session: ort.InferenceSession, pixels: np.ndarray) -> np.ndarray:
+    return session.run(["probabilities"], {"pixels": pixels})[0]
+
+
+def fitted_like_the_server(image_bytes: bytes, card: dict, invert: str = "auto") -> np.ndarray:
+    pixels, _ = fit_to_input_spec(decode_image(image_bytes, 10**8, "test"), InputSpec.from_card(card), invert)
+    return pixels
+
+
+def post_pngs(url: str, images: list[bytes], **fields) -> httpx.Response:
+    files = [("images", (f"{i}.png", data, "image/png")) for i, data in enumerate(images)]
+    return httpx.post(url + "/classify", files=files, data={k: str(v) for k, v in fields.items()}, timeout=60)
+
+
+def probabilities_from_answer(answer: dict, classes: int) -> np.ndarray:
+    """Rebuild the [N, K] probability rows from a top_k=K answer."""
+    rows = np.zeros((len(answer["predictions"]), classes), np.float32)
+    for row, prediction in zip(rows, answer["predictions"]):
+        for entry in prediction["top_k"]:
+            row[entry["index"]] = entry["probability"]
+    return rows
+
+
+def test_ready_only_after_models_are_loaded(server):
+    assert not server.ready_before_load
+    assert "sha256 verified" in server.log()
+
+
+def test_models_lists_every_card_on_disk_with_its_provider(server):
+    answer = httpx.get(server.url + "/models", timeout=10).json()
+    on_disk = server.cards_at_start
+    assert {m["name"] for m in answer["models"]} == set(on_disk)
+    available = [m for m in answer["models"] if m["status"] == "available"]
+    assert available, answer
+    for model in available:
+        assert model["provider"] in ("CPUExecutionProvider", "CUDAExecutionProvider")
+        assert model["sha256"] == on_disk[model["name"]]["sha256"]
+        assert model["labels"] == on_disk[model["name"]]["labels"]
+    assert answer["default"] == max(available, key=lambda m: m["metrics"]["accuracy"])["name"]
+
+
+def test_model_detail_and_default(server_url, available_models):
+    name = next(iter(available_models))
+    detail = httpx.get(f"{server_url}/models/{name}", timeout=10).json()
+    assert detail["name"] == name and detail["status"] == "available" and "provider" in detail
+
+
+def test_bentoml_endpoints_keep_working(server_url):
+    for path in ("/livez", "/readyz", "/metrics", "/docs.json", "/"):
+        assert httpx.get(server_url + path, timeout=10).status_code == 200, path
+
+
+def test_png_predictions_equal_in_process_onnxruntime(server_url, available_models, reference_sessions,
+                                                      fashion_test_images):
+    images, labels = fashion_test_images
+    pngs = [png_bytes(image) for image in images[:64]]
+    for name, description in available_models.items():
+        answer = post_pngs(server_url, pngs, model=name, top_k=10)
+        assert answer.status_code == 200, answer.text
+        body = answer.json()
+        assert body["model"] == name and body["version"] == description["version"]
+        fitted = np.stack([fitted_like_the_server(png, description) for png in pngs])
+        expected = reference_probabilities(reference_sessions[name], fitted)
+        served = probabilities_from_answer(body, expected.shape[1])
+        np.testing.assert_allclose(served, expected, atol=TOLERANCE)
+        assert [p["top_k"][0]["index"] for p in body["predictions"]] == expected.argmax(1).tolist()
+        # Sanity on the model itself: real test images are mostly classified right.
+        assert (expected.argmax(1) == labels[:64]).mean() > 0.7
+
+
+def test_multi_image_answers_keep_request_order(server_url, fashion_test_images, available_models):
+    images, _ = fashion_test_images
+    order = [5, 0, 3, 9, 1, 7]
+    pngs = [png_bytes(images[i]) for i in order]
+    together = post_pngs(server_url, pngs, top_k=10).json()
+    one_by_one = [post_pngs(server_url, [png], top_k=10).json()["predictions"][0] for png in pngs]
+    assert [p["image"] for p in together["predictions"]] == list(range(len(order)))
+    for joint, alone in zip(together["predictions"], one_by_one):
+        assert [e["index"] for e in joint["top_k"]] == [e["index"] for e in alone["top_k"]]
+        np.testing.assert_allclose([e["probability"] for e in joint["top_k"]],
+                                   [e["probability"] for e in alone["top_k"]], atol=TOLERANCE)
+
+
+def test_top_k_default_is_three_sorted_descending(server_url, fashion_test_images):
+    images, _ = fashion_test_images
+    prediction = post_pngs(server_url, [png_bytes(images[0])]).json()["predictions"][0]
+    probabilities = [e["probability"] for e in prediction["top_k"]]
+    assert len(probabilities) == 3 and probabilities == sorted(probabilities, reverse=True)
+
+
+def test_base64_and_tensor_paths_agree_with_multipart(server_url, fashion_test_images, available_models):
+    images, _ = fashion_test_images
+    pngs = [png_bytes(image) for image in images[:8]]
+    for name in available_models:
+        multipart = post_pngs(server_url, pngs, model=name, top_k=10).json()
+        as_json = httpx.post(server_url + "/classify/json", timeout=30, json={
+            "images": [base64.b64encode(png).decode() for png in pngs], "model": name, "top_k": 10}).json()
+        buffer = io.BytesIO()
+        np.save(buffer, images[:8, 0])  # [N, 28, 28]; the [N, 1, 28, 28] form is tested below
+        as_tensor = httpx.post(f"{server_url}/classify/tensor?model={name}&top_k=10", content=buffer.getvalue(),
+                               headers={"content-type": "application/octet-stream"}, timeout=30).json()
+        reference = probabilities_from_answer(multipart, 10)
+        np.testing.assert_allclose(probabilities_from_answer(as_json, 10), reference, atol=TOLERANCE)
+        np.testing.assert_allclose(probabilities_from_answer(as_tensor, 10), reference, atol=TOLERANCE)
+
+
+def test_tensor_accepts_channel_axis(server_url, fashion_test_images):
+    images, _ = fashion_test_images
+    buffer = io.BytesIO()
+    np.save(buffer, images[:3])
+    answer = httpx.post(server_url + "/classify/tensor", content=buffer.getvalue(), timeout=30)
+    assert answer.status_code == 200 and len(answer.json()["predictions"]) == 3
+
+
+def test_200_concurrent_requests_each_get_their_own_answer(server_url, fashion_test_images, available_models,
+                                                           reference_sessions):
+    images, _ = fashion_test_images
+    name = httpx.get(server_url + "/models", timeout=10).json()["default"]
+    pngs = [png_bytes(image) for image in images[:200]]
+    expected = reference_probabilities(reference_sessions[name],
+                                       np.stack([fitted_like_the_server(p, available_models[name]) for p in pngs]))
+    with httpx.Client(timeout=120, limits=httpx.Limits(max_connections=200)) as client:
+        def classify_one(png: bytes) -> httpx.Response:
+            return client.post(server_url + "/classify", files=[("images", ("x.png", png, "image/png"))],
+                               data={"top_k": "10"})
+
+        with ThreadPoolExecutor(max_workers=200) as pool:
+            responses = list(pool.map(classify_one, pngs))
+    assert [r.status_code for r in responses] == [200] * 200
+    served = np.concatenate([probabilities_from_answer(r.json(), 10) for r in responses])
+    np.testing.assert_allclose(served, expected, atol=TOLERANCE)
+
+
+def encode(image: Image.Image, format: str, **options) -> bytes:
+    buffer = io.BytesIO()
+    image.save(buffer, format=format, **options)
+    return buffer.getvalue()
+
+
+def test_every_format_and_mode_is_fitted(server_url, fashion_test_images):
+    images, _ = fashion_test_images
+    item = Image.fromarray(images[0, 0])
+    photo_like = item.resize((90, 60)).convert("RGB")  # non-square, colour
+    rgba = item.convert("RGBA")
+    rgba.putalpha(128)
+    cases = {
+        "png-rgb": encode(photo_like, "PNG"),
+        "jpeg": encode(photo_like, "JPEG", quality=95),
+        "bmp": encode(photo_like, "BMP"),
+        "gif": encode(item.convert("P"), "GIF", save_all=True, append_images=[Image.new("P", item.size)]),
+        "webp": encode(photo_like, "WEBP"),
+        "tiff": encode(photo_like, "TIFF"),
+        "png-rgba": encode(rgba, "PNG"),
+        "png-16bit": encode(item.convert("I;16"), "PNG"),
+    }
+    files = [("images", (f"{name}.img", data, "application/octet-stream")) for name, data in cases.items()]
+    answer = httpx.post(server_url + "/classify", files=files, timeout=60)
+    assert answer.status_code == 200, answer.text
+    assert len(answer.json()["predictions"]) == len(cases)
+
+
+def test_auto_invert_turns_dark_on_light_into_the_training_polarity(server_url, fashion_test_images):
+    images, _ = fashion_test_images
+    original = png_bytes(images[0])
+    negative = png_bytes(255 - images[0])  # a dark item on a light background, like a photo on paper
+    answer = post_pngs(server_url, [original, negative], top_k=1).json()["predictions"]
+    assert [p["inverted"] for p in answer] == [False, True]
+    assert answer[0]["top_k"][0]["index"] == answer[1]["top_k"][0]["index"]
+    forced = post_pngs(server_url, [original], top_k=1, invert="true").json()["predictions"][0]
+    assert forced["inverted"] is True
+
+
+def test_exif_orientation_is_applied(server_url, fashion_test_images):
+    images, _ = fashion_test_images
+    upright = Image.fromarray(images[1, 0])
+    exif = Image.Exif()
+    exif[0x0112] = 6  # "rotate 90 CW to display": the stored pixels are rotated the other way
+    stored = upright.transpose(Image.Transpose.ROTATE_90)
+    with_exif = encode(stored, "JPEG", quality=100, exif=exif.tobytes())
+    plain = encode(upright, "JPEG", quality=100)
+    answer = post_pngs(server_url, [with_exif, plain], top_k=1).json()["predictions"]
+    assert answer[0]["top_k"][0]["index"] == answer[1]["top_k"][0]["index"]

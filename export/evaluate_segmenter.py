@@ -1,0 +1,165 @@
+"""Independent evaluation of released segmenters: onnxruntime on the exported graph, the fixed test scenes.
+
+    python -m export.evaluate_segmenter --models models --out benchmarks/results
+
+For every models/<name>/ with a segmentation card: checks the file's SHA-256 against the card, the input
+contract (uint8 [N,1,H,W] with dynamic N, H and W; outputs `mask` uint8 and `probabilities`), that a
+non-square input gives outputs of its own size, that one scene at a time gives the same answers as a batch,
+and measures per-class IoU, mIoU and pixel accuracy on the 2,000 fixed test scenes (built from test images
+only). It also asks what the issue asks in words: is each placed item labelled with its own class over most
+of its visible pixels, and does background stay background. It shares no code with the exporter's metric
+path (the IoU arithmetic is written again here), so it catches a card that claims more than the graph does.
+Writes segmentation_evaluation.json and .md; exits 1 when a gate below is missed.
+"""
+
+from __future__ import annotations
+
+import argparse
+import hashlib
+import json
+import sys
+from pathlib import Path
+
+import numpy as np
+import onnxruntime as ort
+
+from training.data import load_dataset
+from training.scenes import TEST_SCENE_SEED, TEST_SCENES, fixed_test_scenes, make_scenes
+
+# Release gates (issue 4) over the 11 classes of the fixed test scenes.
+MIOU_GATE = 0.85
+PIXEL_ACCURACY_GATE = 0.97
+# Scenes may be measured in other batch sizes than the exporter's, which can flip a pixel or two at a tie.
+CARD_TOLERANCE = 1e-5
+MAX_FILE_BYTES = 10_000_000
+
+
+def run_masks(session: ort.InferenceSession, images: np.ndarray, batch_size: int = 50) -> np.ndarray:
+    return np.concatenate([session.run(["mask"], {"pixels": images[i:i + batch_size]})[0]
+                           for i in range(0, len(images), batch_size)])
+
+
+def iou_scores(truth: np.ndarray, predicted: np.ndarray, num_classes: int) -> tuple[list, float, float]:
+    """Per-class IoU (None where a class is in neither truth nor prediction), their mean, pixel accuracy."""
+    truth, predicted = truth.ravel().astype(np.int64), predicted.ravel().astype(np.int64)
+    ious = []
+    for k in range(num_classes):
+        t, p = truth == k, predicted == k
+        union = np.count_nonzero(t | p)
+        ious.append(np.count_nonzero(t & p) / union if union else None)
+    present = [v for v in ious if v is not None]
+    return ious, float(np.mean(present)), float(np.mean(truth == predicted))
+
+
+def item_coverage(scenes, predicted: np.ndarray) -> dict:
+    """For every placed item with visible pixels: the share of them predicted as the item's own class."""
+    shares = []
+    for n in range(len(scenes)):
+        instances = scenes.instances[n].numpy()
+        for slot, cls in enumerate(scenes.classes[n].tolist()):
+            visible = instances == slot + 1
+            if cls >= 0 and visible.any():
+                shares.append(float(np.mean(predicted[n][visible] == cls + 1)))
+    shares = np.asarray(shares)
+    background = scenes.masks.numpy() == 0
+    return {"items": int(len(shares)), "mean_own_class_share": float(shares.mean()),
+            "items_mostly_right": float(np.mean(shares > 0.5)),
+            "background_kept": float(np.mean(predicted[background] == 0))}
+
+
+def evaluate_segmenter(model_dir: Path, data_dir: str | None = None, scenes: int = TEST_SCENES) -> dict:
+    card = json.loads((model_dir / "card.json").read_text())
+    model_bytes = (model_dir / "model.onnx").read_bytes()
+    metrics = card["metrics"]
+    result = {"name": card["name"], "version": card["version"], "parameters": card["architecture"]["parameters"],
+              "file_bytes": len(model_bytes), "card_miou": metrics["miou"],
+              "card_pixel_accuracy": metrics["pixel_accuracy"], "problems": []}
+    if hashlib.sha256(model_bytes).hexdigest() != card["sha256"]:
+        result["problems"].append("sha256 of model.onnx does not match the card")
+    session = ort.InferenceSession(model_bytes, providers=["CPUExecutionProvider"])
+    (pixels,) = session.get_inputs()
+    if (pixels.name != "pixels" or pixels.type != "tensor(uint8)" or len(pixels.shape) != 4
+            or any(isinstance(pixels.shape[i], int) for i in (0, 2, 3))):
+        result["problems"].append(f"input is {pixels.name} {pixels.type} {pixels.shape}, "
+                                  "not uint8 with dynamic N, H, W")
+    outputs = {o.name: o.type for o in session.get_outputs()}
+    if outputs != {"mask": "tensor(uint8)", "probabilities": "tensor(float)"}:
+        result["problems"].append(f"outputs are {outputs}")
+
+    labels, stride = card["labels"], card["input"]["stride"]
+    height, width = card["input"]["trained_height"], card["input"]["trained_width"]
+    test_items = load_dataset(metrics.get("dataset", "fashion-mnist"), "test", data_dir)
+    test = fixed_test_scenes(scenes, TEST_SCENE_SEED, height, width, test=test_items)
+    images, truth = test.images.numpy(), test.masks.numpy()
+    predicted = run_masks(session, images)
+
+    # A non-square size the model never trained on, and one scene at a time against a batch.
+    odd_h, odd_w = 6 * stride, 10 * stride
+    odd = make_scenes(test_items, 4, TEST_SCENE_SEED + 1, odd_h, odd_w).images.numpy()
+    mask, probabilities = session.run(None, {"pixels": odd})
+    result["non_square_shapes_ok"] = bool(mask.shape == (4, odd_h, odd_w)
+                                          and probabilities.shape == (4, len(labels), odd_h, odd_w))
+    if not result["non_square_shapes_ok"]:
+        result["problems"].append(f"a {odd_h}x{odd_w} input gave mask {mask.shape}, "
+                                  f"probabilities {probabilities.shape}")
+    result["mask_is_argmax"] = bool(np.mean(probabilities.argmax(1) == mask) >= 0.999
+                                    and np.allclose(probabilities.sum(1), 1.0, atol=1e-5))
+    if not result["mask_is_argmax"]:
+        result["problems"].append("mask is not the argmax of probabilities, or probabilities do not sum to 1")
+    singles = np.concatenate([session.run(["mask"], {"pixels": images[i:i + 1]})[0] for i in range(16)])
+    result["batch_independent"] = bool(np.mean(singles == predicted[:16]) >= 0.9999)
+    if not result["batch_independent"]:
+        result["problems"].append("single-scene answers differ from batched answers")
+
+    ious, miou, pixel_accuracy = iou_scores(truth, predicted, len(labels))
+    result.update({"scenes": int(len(images)), "miou": miou, "pixel_accuracy": pixel_accuracy,
+                   "per_class_iou": dict(zip(labels, ious)), "miou_gate": MIOU_GATE,
+                   "pixel_accuracy_gate": PIXEL_ACCURACY_GATE, **item_coverage(test, predicted)})
+    if scenes == metrics.get("scenes", TEST_SCENES):
+        for key in ("miou", "pixel_accuracy"):
+            if abs(result[key] - metrics[key]) > CARD_TOLERANCE:
+                result["problems"].append(f"card claims {key} {metrics[key]}, measured {result[key]}")
+    if miou < MIOU_GATE:
+        result["problems"].append(f"mIoU {miou:.4f} below the release gate {MIOU_GATE}")
+    if pixel_accuracy < PIXEL_ACCURACY_GATE:
+        result["problems"].append(f"pixel accuracy {pixel_accuracy:.4f} below the release gate {PIXEL_ACCURACY_GATE}")
+    if len(model_bytes) > MAX_FILE_BYTES:
+        result["problems"].append(f"model.onnx is {len(model_bytes)} bytes, over {MAX_FILE_BYTES}")
+    return result
+
+
+def markdown_table(results: list[dict]) -> str:
+    lines = ["| model | version | parameters | mIoU (onnxruntime) | pixel accuracy | items mostly right | "
+             "background kept | gates | checks |", "|---|---|---:|---:|---:|---:|---:|---|---|"]
+    for r in results:
+        checks = "ok" if not r["problems"] else "; ".join(r["problems"])
+        lines.append(f"| {r['name']} | {r['version']} | {r['parameters']:,} | {r['miou']:.4f} | "
+                     f"{r['pixel_accuracy']:.4f} | {r['items_mostly_right']:.4f} | {r['background_kept']:.4f} | "
+                     f"mIoU >= {r['miou_gate']}, pixel accuracy >= {r['pixel_accuracy_gate']} | {checks} |")
+    return "\n".join(lines) + "\n"
+
+
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--models", default="models")
+    p.add_argument("--out", default="benchmarks/results")
+    p.add_argument("--data-dir", help="MNIST-format folder instead of the default Fashion-MNIST location")
+    return p.parse_args(argv)
+
+
+def main(args: argparse.Namespace) -> list[dict]:
+    model_dirs = sorted(d for d in Path(args.models).iterdir() if (d / "card.json").is_file())
+    segmenters = [d for d in model_dirs if json.loads((d / "card.json").read_text())["task"] == "segmentation"]
+    results = [evaluate_segmenter(d, args.data_dir) for d in segmenters]
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    (out / "segmentation_evaluation.json").write_text(json.dumps(results, indent=2) + "\n")
+    table = markdown_table(results)
+    (out / "segmentation_evaluation.md").write_text(
+        "Measured by `python -m export.evaluate_segmenter` on the 2,000 fixed test scenes.\n\n" + table)
+    print(table)
+    return results
+
+
+if __name__ == "__main__":
+    sys.exit(1 if any(r["problems"] for r in main(parse_args())) else 0)

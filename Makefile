@@ -46,6 +46,7 @@ test: install data
 
 evaluate: install data
 	$(BIN)/python -m export.evaluate --models models --out benchmarks/results
+	$(BIN)/python -m export.evaluate_segmenter --models models --out benchmarks/results
 
 # Released models come from training + export, never from a download: say what to run when they are missing.
 models-present:
@@ -59,7 +60,7 @@ models-present:
 # models/ goes into BentoML's model store first (idempotent: keyed by each model's SHA-256).
 serve: install data models-present
 	$(BIN)/python -m service.model_store import models
-	$(BIN)/bentoml serve service.classify:Classifier --host $(HOST) --port $(PORT)
+	$(BIN)/bentoml serve service.app:VisionService --host $(HOST) --port $(PORT)
 
 # A bento of the service and the store's newest models (bentofile.yaml); `bentoml containerize` takes it from there.
 bento: install models-present

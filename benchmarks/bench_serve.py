@@ -161,7 +161,7 @@ def free_port() -> int:
 def start_server(env: dict[str, str], models_dir: str, log_path: Path) -> tuple[subprocess.Popen, str]:
     port = free_port()
     process = subprocess.Popen(
-        [str(Path(sys.executable).parent / "bentoml"), "serve", "service.classify:Classifier", "--port", str(port),
+        [str(Path(sys.executable).parent / "bentoml"), "serve", "service.app:VisionService", "--port", str(port),
          "--host", "127.0.0.1"],
         cwd=REPO, env={**os.environ, **env, "VISIONSERVE_MODELS_DIR": models_dir, "BENTOML_DO_NOT_TRACK": "True"},
         stdout=open(log_path, "wb"), stderr=subprocess.STDOUT, start_new_session=True)
@@ -240,7 +240,7 @@ def main(args: argparse.Namespace) -> dict:
         process, url = start_server(env, str(models_dir), workdir / f"server-{index}.log")
         try:
             described = httpx.get(url + "/models", timeout=10).json()
-            default_model = described["default"]
+            default_model = described["default"]["classification"]
             if index == 0:
                 provider = sorted({m["provider"] for m in described["models"] if m["provider"]})
                 with httpx.Client(base_url=url, timeout=120) as client:

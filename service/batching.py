@@ -67,11 +67,19 @@ class AdaptiveBatcher:
         return await pending.future
 
     def _take_batch(self) -> list[_Pending]:
-        taken, images = [], 0
-        while self._queue and (not taken or images + len(self._queue[0].pixels) <= self._max_batch_size):
+        """The oldest request and every queued one of the same image size, up to max_batch_size images;
+        requests of other sizes (segmentation takes any size) keep their place for the next call."""
+        first = self._queue.popleft()
+        taken, images, kept = [first], len(first.pixels), deque()
+        while self._queue:
             pending = self._queue.popleft()
-            taken.append(pending)
-            images += len(pending.pixels)
+            if (pending.pixels.shape[1:] == first.pixels.shape[1:]
+                    and images + len(pending.pixels) <= self._max_batch_size):
+                taken.append(pending)
+                images += len(pending.pixels)
+            else:
+                kept.append(pending)
+        self._queue = kept
         self._queued_images -= images
         return taken
 

@@ -52,6 +52,9 @@ class RequestLimits:
     max_images_per_request: int = 256  # the benchmark sends 64; beyond 256, split the request
     max_pixels_per_image: int = 40_000_000  # a 40 MP photo; also Pillow's decompression-bomb threshold
     max_form_field_bytes: int = 64 * 1024  # non-file multipart fields are short parameters
+    # A segmenter runs on the whole image, not a 28x28 thumbnail: its cost grows with the pixels
+    # (1024x1024 is 256 times the pixels of a 64x64 training scene), so its cap is lower.
+    max_segment_pixels: int = 1024 * 1024
 
     @classmethod
     def from_environ(cls, environ: Mapping[str, str] = os.environ) -> "RequestLimits":
@@ -61,6 +64,7 @@ class RequestLimits:
             max_images_per_request=_int(environ, "MAX_IMAGES", defaults.max_images_per_request),
             max_pixels_per_image=_int(environ, "MAX_PIXELS", defaults.max_pixels_per_image),
             max_form_field_bytes=_int(environ, "MAX_FIELD_BYTES", defaults.max_form_field_bytes),
+            max_segment_pixels=_int(environ, "MAX_SEGMENT_PIXELS", defaults.max_segment_pixels),
         )
 
 
@@ -77,6 +81,11 @@ class InferenceConfig:
     # queue never exceeds the number of clients times their images, so only real overload sheds.
     max_queued_images: int
     retry_after_seconds: int
+    # A segmenter's images are up to VISIONSERVE_MAX_SEGMENT_PIXELS each, not 28x28: a few per call and a
+    # short queue keep its activations and the waiting pixels within memory (8 x 1 MP x 16 channels x 4 B
+    # is 512 MiB for the first layer's output alone).
+    segment_max_batch_size: int
+    segment_max_queued_images: int
     allow_spinning: bool  # onnxruntime's busy-waiting intra-op threads; off leaves CPU to the HTTP front
     tune_gc: bool  # gc.freeze() after start-up and a larger young generation: no long collection pauses
 
@@ -99,6 +108,8 @@ class InferenceConfig:
             max_batch_size=_int(environ, "MAX_BATCH_SIZE", 256),
             max_queued_images=_int(environ, "MAX_QUEUED_IMAGES", 2048),
             retry_after_seconds=_int(environ, "RETRY_AFTER", 1),
+            segment_max_batch_size=_int(environ, "SEGMENT_MAX_BATCH_SIZE", 8),
+            segment_max_queued_images=_int(environ, "SEGMENT_MAX_QUEUED_IMAGES", 64),
             allow_spinning=environ.get(ENV_PREFIX + "ORT_SPINNING", "off").lower() == "on",
             tune_gc=environ.get(ENV_PREFIX + "GC_TUNING", "on").lower() == "on",
         )

@@ -78,14 +78,19 @@ def body_too_large(limit: int) -> ApiError:
     return ApiError(413, "body_too_large", f"request body is over the limit of {limit} bytes")
 
 
-class ImageParams(BaseModel):
+class ModelParams(BaseModel):
     """Parameters every image endpoint accepts, from a form, a query string or a JSON body."""
 
     model_config = ConfigDict(extra="ignore", protected_namespaces=())
-    model: str | None = Field(None, description="model name; default: the most accurate by its card")
-    top_k: int = Field(3, ge=1, le=10, description="how many classes to return per image")
+    model: str | None = Field(None, description="model name; default: the task's best model by its card")
     invert: Literal["auto", "true", "false"] = Field(
         "auto", description="auto: invert when the image border is brighter than its centre")
+
+
+class ImageParams(ModelParams):
+    """Classification's parameters."""
+
+    top_k: int = Field(3, ge=1, le=10, description="how many classes to return per image")
 
 
 class Base64ImagesRequest(ImageParams):

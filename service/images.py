@@ -104,6 +104,29 @@ def border_is_brighter_than_centre(gray: np.ndarray) -> bool:
     return float(border.mean()) > float(centre.mean())
 
 
+def to_model_mode(image: Image.Image, channels: int, light_on_dark: bool,
+                  invert: InvertMode = "auto") -> tuple[Image.Image, bool]:
+    """EXIF orientation, alpha over white, the model's colour mode and polarity; returns the image and
+    whether it was inverted. Size is left alone (classifiers resize next, segmenters pad)."""
+    image = ImageOps.exif_transpose(image)
+    image = composite_on_white(image)
+    image = image.convert("L" if channels == 1 else "RGB")
+    if invert == "auto":
+        gray = np.asarray(image if channels == 1 else image.convert("L"))
+        inverted = border_is_brighter_than_centre(gray) == light_on_dark
+    else:
+        inverted = invert == "true"
+    if inverted:
+        image = ImageOps.invert(image)
+    return image, inverted
+
+
+def to_chw(image: Image.Image) -> np.ndarray:
+    pixels = np.asarray(image, dtype=np.uint8)
+    pixels = pixels[None] if pixels.ndim == 2 else pixels.transpose(2, 0, 1)  # HWC -> CHW
+    return np.ascontiguousarray(pixels)
+
+
 def fit_to_input_spec(image: Image.Image, spec: InputSpec, invert: InvertMode = "auto") -> tuple[np.ndarray, bool]:
     """Any decoded image -> uint8 [C, H, W] as the model was trained, and whether it was inverted.
 
@@ -111,18 +134,7 @@ def fit_to_input_spec(image: Image.Image, spec: InputSpec, invert: InvertMode = 
     resize into H x W padded with the card's padding value (padding after inversion, so it stays the
     training background).
     """
-    image = ImageOps.exif_transpose(image)
-    image = composite_on_white(image)
-    image = image.convert("L" if spec.channels == 1 else "RGB")
-    if invert == "auto":
-        gray = np.asarray(image if spec.channels == 1 else image.convert("L"))
-        inverted = border_is_brighter_than_centre(gray) == spec.light_on_dark
-    else:
-        inverted = invert == "true"
-    if inverted:
-        image = ImageOps.invert(image)
+    image, inverted = to_model_mode(image, spec.channels, spec.light_on_dark, invert)
     padding = spec.padding_value if spec.channels == 1 else (spec.padding_value,) * 3
     fitted = ImageOps.pad(image, (spec.width, spec.height), method=Image.Resampling.LANCZOS, color=padding)
-    pixels = np.asarray(fitted, dtype=np.uint8)
-    pixels = pixels[None] if spec.channels == 1 else pixels.transpose(2, 0, 1)  # HWC -> CHW
-    return np.ascontiguousarray(pixels), inverted
+    return to_chw(fitted), inverted

@@ -29,20 +29,23 @@ class ModelEntry:
     provider: str | None = None
     unavailable_reason: str | None = None
     output_names: list[str] = field(default_factory=list)
+    output_name: str = "probabilities"  # what `run` returns: probabilities [N, K] or a mask [N, H, W]
 
     @property
     def available(self) -> bool:
         return self.session is not None
 
     @property
-    def accuracy(self) -> float:
-        return float(self.card.get("metrics", {}).get("accuracy") or 0.0)
+    def headline_metric(self) -> float:
+        """What picks the default model of a task: test accuracy, or mIoU for a segmenter."""
+        metrics = self.card.get("metrics", {})
+        return float(metrics.get("accuracy") or metrics.get("miou") or 0.0)
 
     def run(self, pixels: np.ndarray) -> np.ndarray:
-        """uint8 [N, C, H, W] -> probabilities float32 [N, K]. Thread-safe: onnxruntime allows concurrent run()."""
+        """uint8 [N, C, H, W] -> the served output. Thread-safe: onnxruntime allows concurrent run()."""
         assert self.session is not None
-        (probabilities,) = self.session.run(["probabilities"], {"pixels": pixels})
-        return probabilities
+        (output,) = self.session.run([self.output_name], {"pixels": pixels})
+        return output
 
     def describe(self) -> dict:
         """The card as GET /models shows it, plus what the server made of it."""
@@ -132,9 +135,13 @@ def load_verified_model(entry: ModelEntry, intra_op_threads: int, providers: lis
     try:
         session = create_session(model_path, intra_op_threads, providers, allow_spinning)
         spec = entry.card["input"]
+        # A segmenter's height and width are dynamic: it warms up at the size it was tested at.
+        height, width = ((spec["height"], spec["width"]) if isinstance(spec["height"], int)
+                         else (spec["trained_height"], spec["trained_width"]))
         for batch_size in warmup_batch_sizes:
-            zeros = np.zeros((batch_size, spec["channels"], spec["height"], spec["width"]), np.uint8)
-            (probabilities,) = session.run(["probabilities"], {"pixels": zeros})
+            zeros = np.zeros((batch_size, spec["channels"], height, width), np.uint8)
+            session.run([entry.output_name], {"pixels": zeros})
+            (probabilities,) = session.run(["probabilities"], {"pixels": zeros[:1]})
         if len(entry.card["labels"]) != probabilities.shape[1]:
             raise ValueError(f"card has {len(entry.card['labels'])} labels, the graph {probabilities.shape[1]} classes")
     except Exception as exc:  # a broken graph or card must not take the other models down

@@ -19,7 +19,7 @@ import pytest
 
 REPO = Path(__file__).resolve().parent.parent
 MODELS_DIR = REPO / "models"
-READY_LOG_LINE = "classifier ready"
+READY_LOG_LINE = "visionserve ready"
 # Small limits so that each limit can be exceeded cheaply in a test; the defaults have their own test.
 TEST_SERVER_LIMITS = {
     "VISIONSERVE_MAX_BODY_BYTES": str(4 * 1024 * 1024),
@@ -53,7 +53,7 @@ def start_server(log_path: Path, extra_env: dict[str, str], timeout_s: float = 1
     env = {**os.environ, **extra_env, "BENTOML_DO_NOT_TRACK": "True"}
     log_file = open(log_path, "wb")
     process = subprocess.Popen(
-        [str(Path(sys.executable).parent / "bentoml"), "serve", "service.classify:Classifier",
+        [str(Path(sys.executable).parent / "bentoml"), "serve", "service.app:VisionService",
          "--host", "127.0.0.1", "--port", str(port)],
         cwd=REPO, env=env, stdout=log_file, stderr=subprocess.STDOUT, start_new_session=True,
     )
@@ -133,7 +133,7 @@ def server_url(server) -> str:
 def available_models(server_url) -> dict[str, dict]:
     """Model name -> its /models description, for the models the server actually loaded."""
     described = httpx.get(server_url + "/models", timeout=10).json()
-    return {m["name"]: m for m in described["models"] if m["status"] == "available"}
+    return {m["name"]: m for m in described["models"] if m["status"] == "available" and m["task"] == "classification"}
 
 
 @pytest.fixture(scope="session")

@@ -1,0 +1,76 @@
+"""The models of one task (classification, segmentation, ...): loading, the default choice, batching runners.
+
+Every task service holds one `TaskModels`; the HTTP routes ask it for a model by name and run inputs
+through that model's runner (the adaptive batcher, or direct calls when batching is off).
+"""
+
+from __future__ import annotations
+
+import logging
+from pathlib import Path
+
+import numpy as np
+
+from .batching import AdaptiveBatcher, DirectRunner
+from .config import InferenceConfig
+from .errors import ApiError
+from .onnx_models import ModelEntry, discover_model_folders, load_verified_model
+
+logger = logging.getLogger("bentoml.visionserve")
+
+# What each task's graph is asked for on the hot path (the other outputs stay in the graph for other uses).
+SERVED_OUTPUT = {"classification": "probabilities", "segmentation": "mask"}
+
+
+class TaskModels:
+    def __init__(self, task: str, folders: list[Path], inference: InferenceConfig, providers: list[str]) -> None:
+        self.task = task
+        entries = discover_model_folders(folders, task)
+        for entry in entries:
+            entry.output_name = SERVED_OUTPUT[task]
+            warmup_sizes = (1, inference.max_batch_size) if inference.batching else (1, 64)
+            if task != "classification":
+                warmup_sizes = (1, 4)  # whole-image tasks: batches are small, images large
+            load_verified_model(entry, inference.intra_op_threads, providers, warmup_sizes, inference.allow_spinning)
+        self.models: dict[str, ModelEntry] = {entry.name: entry for entry in entries}
+        max_batch, max_queued = ((inference.max_batch_size, inference.max_queued_images) if task == "classification"
+                                 else (inference.segment_max_batch_size, inference.segment_max_queued_images))
+        self.runners = {
+            entry.name: (
+                AdaptiveBatcher(entry.run, max_batch, max_queued, inference.retry_after_seconds, entry.name)
+                if inference.batching else DirectRunner(entry.run, max(2, inference.intra_op_threads), entry.name)
+            )
+            for entry in entries if entry.available
+        }
+
+    @property
+    def available(self) -> list[str]:
+        return sorted(self.runners)
+
+    def default_model_name(self) -> str | None:
+        """The available model with the best headline metric on its card (accuracy, or mIoU)."""
+        available = [entry for entry in self.models.values() if entry.available]
+        return max(available, key=lambda entry: entry.headline_metric).name if available else None
+
+    def unknown_model(self, name: str, field: str | None = "model") -> ApiError:
+        return ApiError(404, "unknown_model", f"no {self.task} model named {name!r}; known: {sorted(self.models)}",
+                        field)
+
+    def resolve_model(self, name: str | None) -> ModelEntry:
+        name = name or self.default_model_name()
+        if name is None:
+            raise ApiError(503, "model_unavailable",
+                           f"no {self.task} model is available on this server; see GET /models", "model")
+        entry = self.models.get(name)
+        if entry is None:
+            raise self.unknown_model(name)
+        if not entry.available:
+            raise ApiError(503, "model_unavailable", f"model {name!r} is unavailable: {entry.unavailable_reason}",
+                           "model")
+        return entry
+
+    async def infer(self, entry: ModelEntry, pixels: np.ndarray) -> np.ndarray:
+        return await self.runners[entry.name].infer(pixels)
+
+    def batch_sizes_seen(self) -> dict[str, dict[int, int]]:
+        return {name: dict(sorted(runner.batch_sizes_seen.items())) for name, runner in self.runners.items()}

@@ -6,9 +6,9 @@ The graph is the whole model: uint8 pixels [N,1,H,W] (dynamic N, H and W, H and 
 -> normalisation -> SegNet -> per-pixel softmax, with outputs `mask` uint8 [N,H,W] (the argmax, taken inside
 the graph) and `probabilities` float32 [N,11,H,W]. Before anything is written the graph must pass
 onnx.checker and agree with PyTorch on test scenes at two sizes, the training canvas and a non-square one
-(masks equal on at least 99.9% of pixels, and probabilities within --tolerance on at least 99.9% of pixels:
-near-tied pooling windows may switch either way, see check_parity). The card's metrics are then measured by onnxruntime on the exported graph over the 2,000
-fixed test scenes built from test images only.
+(masks equal on at least 99.9% of pixels; pooling switches that differ only at near-ties; with the same
+switches, probabilities within --tolerance everywhere: see check_parity). The card's metrics are then
+measured by onnxruntime on the exported graph over the 2,000 fixed test scenes built from test images only.
 """
 
 from __future__ import annotations
@@ -32,6 +32,9 @@ from training.train_segnet import command_for, pixel_confusion, segmentation_sco
 # Parity scenes at a second, non-square size use their own seed so they are not the metric scenes again.
 PARITY_SCENE_SEED = 40_000_004
 MIN_MASK_AGREEMENT = 0.999
+# Two pooling candidates closer than this may be ordered either way by two float32 runtimes (their conv
+# results differ by up to ~1e-5 here); a switch that flips across a wider gap is a real disagreement.
+NEAR_TIE = 1e-4
 
 
 class SegmenterGraph(nn.Module):
@@ -44,12 +47,34 @@ class SegmenterGraph(nn.Module):
         self.register_buffer("mean", torch.tensor(mean, dtype=torch.float32).view(1, -1, 1, 1))
         self.register_buffer("std", torch.tensor(std, dtype=torch.float32).view(1, -1, 1, 1))
 
+    def normalise(self, pixels: torch.Tensor) -> torch.Tensor:
+        return (pixels.to(torch.float32) / 255.0 - self.mean) / self.std  # same arithmetic as training.data.normalise
+
     def forward(self, pixels: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        x = (pixels.to(torch.float32) / 255.0 - self.mean) / self.std  # same arithmetic as training.data.normalise
-        probabilities = torch.softmax(self.model(x), dim=1)                # N x K x H x W
+        probabilities = torch.softmax(self.model(self.normalise(pixels)), dim=1)  # N x K x H x W
         # Argmax of the probabilities that are returned, so a client never sees a mask that disagrees with them.
         mask = probabilities.argmax(dim=1).to(torch.uint8)                 # N x H x W
         return mask, probabilities
+
+
+class SwitchesGraph(nn.Module):
+    """The same network with its pooling switches as outputs: a diagnostic graph for the parity check only,
+    never written; it lets PyTorch replay onnxruntime's switch choices."""
+
+    def __init__(self, segmenter: SegmenterGraph):
+        super().__init__()
+        self.segmenter = segmenter  # not `graph`: torch.fx's GraphModule owns that name during export
+        self.stride = segmenter.stride
+
+    def forward(self, pixels: torch.Tensor) -> tuple[torch.Tensor, ...]:
+        _, switches, _ = self.segmenter.model.forward_with_switches(self.segmenter.normalise(pixels))
+        return tuple(switches)
+
+
+def switches_session(graph: SegmenterGraph, example: torch.Tensor):
+    """onnxruntime running the diagnostic SwitchesGraph of `graph` (exported the same way, never written)."""
+    names = tuple(f"switches_{i}" for i in range(len(graph.model.encoder)))
+    return cpu_session(export_graph(SwitchesGraph(graph), example, names))
 
 
 def load_run(run_dir: Path) -> tuple[SegmenterGraph, dict, dict, dict]:
@@ -63,49 +88,65 @@ def load_run(run_dir: Path) -> tuple[SegmenterGraph, dict, dict, dict]:
     return graph, best, record, metrics
 
 
-def export_graph(graph: SegmenterGraph, example: torch.Tensor) -> bytes:
+def export_graph(graph: nn.Module, example: torch.Tensor, output_names: tuple[str, ...] = ("mask", "probabilities")
+                 ) -> bytes:
     # H and W are declared as stride * k: the exporter then knows every pooled map unpools to its exact size.
     dims = {0: torch.export.Dim("batch", min=1, max=65536),
             2: graph.stride * torch.export.Dim("height_blocks", min=1, max=4096),
             3: graph.stride * torch.export.Dim("width_blocks", min=1, max=4096)}
-    return export_to_bytes(graph, (example,), ["pixels"], ["mask", "probabilities"], {"pixels": dims})
+    return export_to_bytes(graph, (example,), ["pixels"], list(output_names), {"pixels": dims})
 
 
-def check_parity(graph: SegmenterGraph, session, scene_sets: list[np.ndarray], tolerance: float,
+def check_parity(graph: SegmenterGraph, session, switch_session, scene_sets: list[np.ndarray], tolerance: float,
                  batch_size: int = 100) -> dict:
     """Compare onnxruntime with PyTorch on every set of scenes (one per size); ParityError when they differ.
 
-    Masks must agree on >= 99.9% of pixels, and probabilities must be within `tolerance` on >= 99.9% of
-    pixels. Not on every pixel: SegNet's max-pooling switches are hard choices, and where a 2x2 window's
-    two largest values differ by less than the two runtimes' float32 rounding (gaps of 3e-8 to 1.3e-6 were
-    measured, against conv results that differ by up to 1e-5 between PyTorch and onnxruntime), the runtimes
-    pick different positions and the unpooled value lands one pixel apart. That was measured at 3-6 windows
-    per stage per 200 scenes, moving a small patch of probabilities by up to 0.3, on every model tried, and
-    no per-position tie-breaking offset removed it. Every pixel outside such patches agrees within
-    `tolerance`; the report keeps the worst difference and the share of pixels beyond `tolerance`.
+    SegNet's max-pooling switches are hard choices. Where a 2x2 window's two largest values differ by less
+    than the runtimes' float32 rounding (their conv results differ by up to ~1e-5; gaps of 3e-8 to 1.3e-6
+    were seen), PyTorch and onnxruntime pick different positions and the unpooled value lands one pixel
+    apart, moving a small patch of probabilities by up to ~0.3 (3-6 windows per stage per 200 scenes).
+    So the gate checks what parity means for such a network, from the switches of a diagnostic export:
+    every switch the runtimes choose differently is a near-tie (values within NEAR_TIE in PyTorch); with
+    onnxruntime's switches replayed in PyTorch, probabilities agree within `tolerance` on every pixel;
+    and the two masks agree on >= 99.9% of pixels. The plain worst difference is reported as well.
     """
-    report = {"sizes": [], "tolerance": tolerance, "min_mask_agreement": MIN_MASK_AGREEMENT,
-              "min_probability_agreement": MIN_MASK_AGREEMENT}
+    report = {"sizes": [], "tolerance": tolerance, "min_mask_agreement": MIN_MASK_AGREEMENT, "near_tie": NEAR_TIE}
     for images in scene_sets:
-        agree, close, pixels, max_diff = 0, 0, 0, 0.0
+        agree, pixels, max_diff, replay_diff, flips, windows, widest_flip = 0, 0, 0.0, 0.0, 0, 0, 0.0
         for start in range(0, len(images), batch_size):
             chunk = images[start:start + batch_size]
-            with torch.no_grad():
-                torch_mask, torch_probs = (t.numpy() for t in graph(torch.from_numpy(chunk)))
             ort_mask, ort_probs = session.run(None, {"pixels": chunk})
-            pixel_diff = np.abs(torch_probs - ort_probs).max(axis=1)  # [N, H, W]: worst class per pixel
-            agree += int((torch_mask == ort_mask).sum())
-            close += int((pixel_diff <= tolerance).sum())
-            pixels += torch_mask.size
-            max_diff = max(max_diff, float(pixel_diff.max()))
+            ort_switches = [torch.from_numpy(s) for s in switch_session.run(None, {"pixels": chunk})]
+            with torch.no_grad():
+                x = graph.normalise(torch.from_numpy(chunk))
+                scores, switches, pooled_from = graph.model.forward_with_switches(x)
+                torch_probs = torch.softmax(scores, dim=1)
+                replayed = torch.softmax(graph.model.forward_with_switches(x, ort_switches)[0], dim=1).numpy()
+            for mine, theirs, features in zip(switches, ort_switches, pooled_from):
+                differ = mine != theirs
+                windows += differ.numel()
+                if differ.any():
+                    flat = features.flatten(2)
+                    at_mine = flat.gather(2, mine.flatten(2)).view(mine.shape)[differ]
+                    at_theirs = flat.gather(2, theirs.flatten(2)).view(theirs.shape)[differ]
+                    flips += int(differ.sum())
+                    widest_flip = max(widest_flip, float((at_mine - at_theirs).abs().max()))
+            agree += int((torch_probs.argmax(1).to(torch.uint8).numpy() == ort_mask).sum())
+            pixels += ort_mask.size
+            max_diff = max(max_diff, float(np.abs(torch_probs.numpy() - ort_probs).max()))
+            replay_diff = max(replay_diff, float(np.abs(replayed - ort_probs).max()))
         report["sizes"].append({"height": int(images.shape[2]), "width": int(images.shape[3]),
                                 "scenes": int(len(images)), "mask_agreement": agree / pixels,
-                                "probability_agreement": close / pixels, "max_abs_probability_diff": max_diff})
+                                "max_abs_probability_diff": max_diff, "switch_flips": flips,
+                                "switch_windows": windows, "widest_flipped_gap": widest_flip,
+                                "max_abs_probability_diff_same_switches": replay_diff})
     report["mask_agreement"] = min(s["mask_agreement"] for s in report["sizes"])
-    report["probability_agreement"] = min(s["probability_agreement"] for s in report["sizes"])
     report["max_abs_probability_diff"] = max(s["max_abs_probability_diff"] for s in report["sizes"])
-    if (report["mask_agreement"] < MIN_MASK_AGREEMENT
-            or report["probability_agreement"] < report["min_probability_agreement"]):
+    report["widest_flipped_gap"] = max(s["widest_flipped_gap"] for s in report["sizes"])
+    report["max_abs_probability_diff_same_switches"] = max(
+        s["max_abs_probability_diff_same_switches"] for s in report["sizes"])
+    if (report["mask_agreement"] < MIN_MASK_AGREEMENT or report["widest_flipped_gap"] > NEAR_TIE
+            or report["max_abs_probability_diff_same_switches"] > tolerance):
         raise ParityError(f"onnxruntime disagrees with PyTorch: {report}")
     return report
 
@@ -175,7 +216,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--parity-scenes", type=int, default=500, help="test scenes compared with PyTorch at each size")
     p.add_argument("--parity-size", type=int, nargs=2, default=[48, 80], metavar=("H", "W"),
                    help="the second, non-square parity size (multiples of the stride)")
-    p.add_argument("--tolerance", type=float, default=1e-4, help="max |p_onnx - p_torch| on >= 99.9%% of pixels")
+    p.add_argument("--tolerance", type=float, default=1e-4, help="max |p_onnx - p_torch| with the same pooling switches")
     p.add_argument("--dry-run", action="store_true", help="check parity and print the card without writing")
     return p.parse_args(argv)
 
@@ -194,11 +235,13 @@ def main(args: argparse.Namespace) -> dict:
 
     model_bytes = export_graph(graph, torch.from_numpy(images[:2]))
     session = cpu_session(model_bytes)
-    parity = check_parity(graph, session, [images[:args.parity_scenes], other], args.tolerance)
+    switch_session = switches_session(graph, torch.from_numpy(images[:2]))
+    parity = check_parity(graph, session, switch_session, [images[:args.parity_scenes], other], args.tolerance)
     metrics, predicted = onnx_test_metrics(session, images, masks, record["label_names"])
     card = build_card(args.name, graph, best, record, run_metrics, metrics, parity, opset_of(model_bytes), run_dir)
     print(f"{args.name}: parity mask agreement {parity['mask_agreement']:.5f}, max |dp| "
-          f"{parity['max_abs_probability_diff']:.2e}; test (onnxruntime) mIoU {metrics['miou']:.4f}, "
+          f"{parity['max_abs_probability_diff']:.2e} ({parity['max_abs_probability_diff_same_switches']:.2e} with the "
+          f"same switches; widest flipped gap {parity['widest_flipped_gap']:.1e}); test (onnxruntime) mIoU {metrics['miou']:.4f}, "
           f"pixel accuracy {metrics['pixel_accuracy']:.4f}; {len(model_bytes) / 1e6:.2f} MB", flush=True)
     if args.dry_run:
         return card | {"sha256": sha256_bytes(model_bytes)}

@@ -187,7 +187,9 @@ def test_export_card_and_checksum(exported, dry_run):
     assert metrics["scenes"] == 2000 and metrics["measured_by"].startswith("onnxruntime")
     assert set(metrics["per_class_iou"]) == set(card["labels"]) and 0 <= metrics["miou"] <= 1
     assert [(s["height"], s["width"]) for s in card["parity"]["sizes"]] == [(32, 32), (48, 80)]
-    assert card["parity"]["mask_agreement"] >= 0.999 and card["parity"]["probability_agreement"] >= 0.999
+    parity = card["parity"]
+    assert parity["mask_agreement"] >= 0.999 and parity["widest_flipped_gap"] <= export_segmenter.NEAR_TIE
+    assert parity["max_abs_probability_diff_same_switches"] <= 1e-4
     training = card["training"]
     assert training["seed"] == 1 and training["command"].endswith("--seed 1") and "--widths 8 16" in training["command"]
     assert training["data_files"] and training["hardware"] and training["wall_seconds"] > 0
@@ -206,8 +208,11 @@ def test_exported_graph_at_a_non_square_size(exported, dry_run, splits):
         want_mask, want_probabilities = graph(torch.from_numpy(images))
     assert np.mean(mask == want_mask.numpy()) >= 0.999
     np.testing.assert_allclose(probabilities, want_probabilities.numpy(), atol=1e-4)
+    switches = export_segmenter.switches_session(graph, torch.from_numpy(images[:1]))
+    report = export_segmenter.check_parity(graph, session, switches, [images], tolerance=1e-4)
+    assert report["sizes"][0]["switch_windows"] > 0 and report["max_abs_probability_diff_same_switches"] <= 1e-4
     with pytest.raises(ParityError, match="disagrees"):
-        export_segmenter.check_parity(graph, session, [images], tolerance=-1.0)
+        export_segmenter.check_parity(graph, session, switches, [images], tolerance=-1.0)
 
 
 def test_independent_evaluation_agrees_with_the_card(exported):

@@ -67,10 +67,23 @@ class SegNet(nn.Module):
         self.classifier = nn.Conv2d(widths[0], cfg.num_classes, 1)  # num_classes x H x W, per-pixel scores
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        indices = []
-        for stage in self.encoder:
-            x, where = stage(x)
-            indices.append(where)
-        for stage, where in zip(self.decoder, reversed(indices)):
+        return self.forward_with_switches(x)[0]
+
+    def forward_with_switches(self, x: torch.Tensor, switches: list[torch.Tensor] | None = None
+                              ) -> tuple[torch.Tensor, list[torch.Tensor], list[torch.Tensor]]:
+        """Scores, each stage's pooling switches and each stage's pooling input. With `switches` given, the
+        encoder takes its maxima at those positions instead of its own: replaying another runtime's choices
+        (export parity) shows whether two runs differ only where a pooling window was nearly tied."""
+        used, pooled_from = [], []
+        for i, stage in enumerate(self.encoder):
+            features = stage.convs(x)
+            if switches is None:
+                x, where = stage.pool(features)
+            else:
+                where = switches[i]
+                x = features.flatten(2).gather(2, where.flatten(2)).view(where.shape)
+            used.append(where)
+            pooled_from.append(features)
+        for stage, where in zip(self.decoder, reversed(used)):
             x = stage(x, where)
-        return self.classifier(x)
+        return self.classifier(x), used, pooled_from

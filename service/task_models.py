@@ -26,11 +26,12 @@ class TaskModels:
     def __init__(self, task: str, folders: list[Path], inference: InferenceConfig, providers: list[str]) -> None:
         self.task = task
         entries = discover_model_folders(folders, task)
+        if task == "classification":
+            warmup_sizes = (1, inference.max_batch_size) if inference.batching else (1, 64)
+        else:
+            warmup_sizes = (1, 4)  # whole-image tasks: batches are small, images large
         for entry in entries:
             entry.output_name = SERVED_OUTPUT[task]
-            warmup_sizes = (1, inference.max_batch_size) if inference.batching else (1, 64)
-            if task != "classification":
-                warmup_sizes = (1, 4)  # whole-image tasks: batches are small, images large
             load_verified_model(entry, inference.intra_op_threads, providers, warmup_sizes, inference.allow_spinning)
         self.models: dict[str, ModelEntry] = {entry.name: entry for entry in entries}
         max_batch, max_queued = ((inference.max_batch_size, inference.max_queued_images) if task == "classification"

@@ -139,9 +139,8 @@ def load_verified_model(entry: ModelEntry, intra_op_threads: int, providers: lis
         height, width = ((spec["height"], spec["width"]) if isinstance(spec["height"], int)
                          else (spec["trained_height"], spec["trained_width"]))
         for batch_size in warmup_batch_sizes:
-            zeros = np.zeros((batch_size, spec["channels"], height, width), np.uint8)
-            session.run([entry.output_name], {"pixels": zeros})
-            (probabilities,) = session.run(["probabilities"], {"pixels": zeros[:1]})
+            session.run([entry.output_name], {"pixels": np.zeros((batch_size, spec["channels"], height, width), np.uint8)})
+        (probabilities,) = session.run(["probabilities"], {"pixels": np.zeros((1, spec["channels"], height, width), np.uint8)})
         if len(entry.card["labels"]) != probabilities.shape[1]:
             raise ValueError(f"card has {len(entry.card['labels'])} labels, the graph {probabilities.shape[1]} classes")
     except Exception as exc:  # a broken graph or card must not take the other models down

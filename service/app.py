@@ -1,4 +1,4 @@
-"""The one HTTP front of every task: classification, segmentation; GET /models and /models/{name}.
+"""The one HTTP front of every task: classification, segmentation, generation; GET /models and /models/{name}.
 
     bentoml serve service.app:VisionService        (or `make serve`)
 
@@ -25,7 +25,7 @@ from starlette.requests import Request
 from starlette.responses import JSONResponse
 from starlette.routing import Route
 
-from . import classify, segment
+from . import classify, generate, segment
 from .config import ServingConfig, access_log_from_environment, workers_from_environment
 from .errors import EXCEPTION_HANDLERS, ApiError
 from .http_front import RequestBodyLimit
@@ -87,11 +87,13 @@ def build_front() -> Starlette:
         routes=[
             *classify.ROUTES,
             *segment.ROUTES,
+            *generate.ROUTES,
             Route("/models", list_models, methods=["GET"]),
             Route("/models/{name}", show_model, methods=["GET"]),
             # Unknown paths under our prefixes get our error shape (elsewhere BentoML answers its own 404).
             Route("/classify/{rest:path}", unknown_path, methods=any_method),
             Route("/segment/{rest:path}", unknown_path, methods=any_method),
+            Route("/generate/{rest:path}", unknown_path, methods=any_method),
             Route("/models/{name}/{rest:path}", unknown_path, methods=any_method),
         ],
         middleware=[Middleware(RequestBodyLimit,
@@ -124,7 +126,8 @@ class VisionService:
             preload_cuda_libraries()
         self.classification = TaskModels("classification", folders, inference, providers)
         self.segmentation = TaskModels("segmentation", folders, inference, providers)
-        self.tasks = [self.classification, self.segmentation]
+        self.generation = TaskModels("generation", folders, inference, providers)
+        self.tasks = [self.classification, self.segmentation, self.generation]
         if not any(task.models for task in self.tasks):
             where = self.config.models_dir or "BentoML's model store"
             raise RuntimeError(f"no models in {where}: import them with "

@@ -113,10 +113,27 @@ class DirectRunner:
     """The unbatched alternative (VISIONSERVE_BATCHING=off): each request is its own model call,
     run concurrently on a thread pool. Kept so batched vs unbatched can be measured on one build."""
 
-    def __init__(self, run_batch: Callable[[np.ndarray], np.ndarray], threads: int, name: str) -> None:
+    def __init__(self, run_batch: Callable, threads: int, name: str, max_queued_items: int | None = None,
+                 retry_after_seconds: int = 1, size: Callable = len) -> None:
         self._run_batch = run_batch
         self._executor = ThreadPoolExecutor(max_workers=threads, thread_name_prefix=f"direct-{name}")
+        self._max_queued_items = max_queued_items
+        self._retry_after_seconds = retry_after_seconds
+        self._size = size
+        self._in_flight = 0
+        self._name = name
         self.batch_sizes_seen: dict[int, int] = {}
 
-    async def infer(self, pixels: np.ndarray) -> np.ndarray:
-        return await asyncio.get_running_loop().run_in_executor(self._executor, self._run_batch, pixels)
+    async def infer(self, inputs):
+        """Run one request's inputs (an array, or a dict of named arrays) as one model call."""
+        size = self._size(inputs)
+        if self._max_queued_items is not None and self._in_flight + size > self._max_queued_items:
+            raise ApiError(503, "overloaded", f"model {self._name} has {self._in_flight} items in flight; "
+                           f"retry after {self._retry_after_seconds} s", None,
+                           {"Retry-After": str(self._retry_after_seconds)})
+        self._in_flight += size
+        self.batch_sizes_seen[size] = self.batch_sizes_seen.get(size, 0) + 1
+        try:
+            return await asyncio.get_running_loop().run_in_executor(self._executor, self._run_batch, inputs)
+        finally:
+            self._in_flight -= size

@@ -55,6 +55,8 @@ class RequestLimits:
     # A segmenter runs on the whole image, not a 28x28 thumbnail: its cost grows with the pixels
     # (1024x1024 is 256 times the pixels of a 64x64 training scene), so its cap is lower.
     max_segment_pixels: int = 1024 * 1024
+    # Samples one /generate call may ask for (n): 64 is an 8x8 grid, one model call of a few ms per sample.
+    max_samples_per_request: int = 64
 
     @classmethod
     def from_environ(cls, environ: Mapping[str, str] = os.environ) -> "RequestLimits":
@@ -65,6 +67,7 @@ class RequestLimits:
             max_pixels_per_image=_int(environ, "MAX_PIXELS", defaults.max_pixels_per_image),
             max_form_field_bytes=_int(environ, "MAX_FIELD_BYTES", defaults.max_form_field_bytes),
             max_segment_pixels=_int(environ, "MAX_SEGMENT_PIXELS", defaults.max_segment_pixels),
+            max_samples_per_request=_int(environ, "MAX_SAMPLES", defaults.max_samples_per_request),
         )
 
 
@@ -86,6 +89,8 @@ class InferenceConfig:
     # is 512 MiB for the first layer's output alone).
     segment_max_batch_size: int
     segment_max_queued_images: int
+    # Generated samples in flight (queued or running) before new /generate requests get 503 + Retry-After.
+    generate_max_queued_samples: int
     allow_spinning: bool  # onnxruntime's busy-waiting intra-op threads; off leaves CPU to the HTTP front
     tune_gc: bool  # gc.freeze() after start-up and a larger young generation: no long collection pauses
 
@@ -110,6 +115,7 @@ class InferenceConfig:
             retry_after_seconds=_int(environ, "RETRY_AFTER", 1),
             segment_max_batch_size=_int(environ, "SEGMENT_MAX_BATCH_SIZE", 8),
             segment_max_queued_images=_int(environ, "SEGMENT_MAX_QUEUED_IMAGES", 64),
+            generate_max_queued_samples=_int(environ, "GENERATE_MAX_QUEUED_SAMPLES", 512),
             allow_spinning=environ.get(ENV_PREFIX + "ORT_SPINNING", "off").lower() == "on",
             tune_gc=environ.get(ENV_PREFIX + "GC_TUNING", "on").lower() == "on",
         )

@@ -37,14 +37,21 @@ class ModelEntry:
 
     @property
     def headline_metric(self) -> float:
-        """What picks the default model of a task: test accuracy, or mIoU for a segmenter."""
+        """What picks the default model of a task: test accuracy, mIoU for a segmenter, class consistency
+        for a generator."""
         metrics = self.card.get("metrics", {})
-        return float(metrics.get("accuracy") or metrics.get("miou") or 0.0)
+        return float(metrics.get("accuracy") or metrics.get("miou") or metrics.get("class_consistency") or 0.0)
 
     def run(self, pixels: np.ndarray) -> np.ndarray:
         """uint8 [N, C, H, W] -> the served output. Thread-safe: onnxruntime allows concurrent run()."""
         assert self.session is not None
         (output,) = self.session.run([self.output_name], {"pixels": pixels})
+        return output
+
+    def run_feeds(self, feeds: dict[str, np.ndarray]) -> np.ndarray:
+        """Named inputs (a generator's z and label) -> the served output."""
+        assert self.session is not None
+        (output,) = self.session.run([self.output_name], feeds)
         return output
 
     def describe(self) -> dict:
@@ -117,6 +124,33 @@ def create_session(model_path: Path, intra_op_threads: int, providers: list[str]
     return ort.InferenceSession(str(model_path), options, providers=providers)
 
 
+def warmup_feeds(card: dict, batch_size: int) -> dict[str, np.ndarray]:
+    """Inputs of the card's shapes. A generator gets the last class, so a card with more labels than
+    the graph has classes fails here, at start-up, not on a client's request."""
+    if card["task"] == "generation":
+        z_spec = next(spec for spec in card["inputs"] if spec["name"] == "z")
+        return {"z": np.zeros((batch_size, z_spec["shape"][1]), np.float32),
+                "label": np.full(batch_size, len(card["labels"]) - 1, np.int64)}
+    spec = card["input"]
+    # A segmenter's height and width are dynamic: it warms up at the size it was tested at.
+    height, width = ((spec["height"], spec["width"]) if isinstance(spec["height"], int)
+                     else (spec["trained_height"], spec["trained_width"]))
+    return {"pixels": np.zeros((batch_size, spec["channels"], height, width), np.uint8)}
+
+
+def check_graph_against_card(session: ort.InferenceSession, card: dict) -> None:
+    """The graph's class count (or a generator's image shape) must be what the card says."""
+    if card["task"] == "generation":
+        (pixels,) = session.run(["pixels"], warmup_feeds(card, 1))
+        expected = list(card["outputs"][0]["shape"][1:])
+        if list(pixels.shape[1:]) != expected or pixels.dtype != np.uint8:
+            raise ValueError(f"card says uint8 images of {expected}, the graph gives {pixels.dtype} {list(pixels.shape[1:])}")
+        return
+    (probabilities,) = session.run(["probabilities"], warmup_feeds(card, 1))
+    if len(card["labels"]) != probabilities.shape[1]:
+        raise ValueError(f"card has {len(card['labels'])} labels, the graph {probabilities.shape[1]} classes")
+
+
 def load_verified_model(entry: ModelEntry, intra_op_threads: int, providers: list[str],
                         warmup_batch_sizes: tuple[int, ...], allow_spinning: bool = False) -> None:
     """Check the checksum against the card, create the session, warm it up; or mark the entry unavailable."""
@@ -134,15 +168,9 @@ def load_verified_model(entry: ModelEntry, intra_op_threads: int, providers: lis
         return
     try:
         session = create_session(model_path, intra_op_threads, providers, allow_spinning)
-        spec = entry.card["input"]
-        # A segmenter's height and width are dynamic: it warms up at the size it was tested at.
-        height, width = ((spec["height"], spec["width"]) if isinstance(spec["height"], int)
-                         else (spec["trained_height"], spec["trained_width"]))
         for batch_size in warmup_batch_sizes:
-            session.run([entry.output_name], {"pixels": np.zeros((batch_size, spec["channels"], height, width), np.uint8)})
-        (probabilities,) = session.run(["probabilities"], {"pixels": np.zeros((1, spec["channels"], height, width), np.uint8)})
-        if len(entry.card["labels"]) != probabilities.shape[1]:
-            raise ValueError(f"card has {len(entry.card['labels'])} labels, the graph {probabilities.shape[1]} classes")
+            session.run([entry.output_name], warmup_feeds(entry.card, batch_size))
+        check_graph_against_card(session, entry.card)
     except Exception as exc:  # a broken graph or card must not take the other models down
         entry.unavailable_reason = f"could not load it: {exc}"
         logger.error("model %s refused: %s", entry.name, exc)

@@ -19,7 +19,7 @@ from .onnx_models import ModelEntry, discover_model_folders, load_verified_model
 logger = logging.getLogger("bentoml.visionserve")
 
 # What each task's graph is asked for on the hot path (the other outputs stay in the graph for other uses).
-SERVED_OUTPUT = {"classification": "probabilities", "segmentation": "mask"}
+SERVED_OUTPUT = {"classification": "probabilities", "segmentation": "mask", "generation": "pixels"}
 
 
 class TaskModels:
@@ -28,12 +28,25 @@ class TaskModels:
         entries = discover_model_folders(folders, task)
         if task == "classification":
             warmup_sizes = (1, inference.max_batch_size) if inference.batching else (1, 64)
+        elif task == "generation":
+            warmup_sizes = (1, 16, 64)  # a request's n is its batch
         else:
             warmup_sizes = (1, 4)  # whole-image tasks: batches are small, images large
         for entry in entries:
             entry.output_name = SERVED_OUTPUT[task]
             load_verified_model(entry, inference.intra_op_threads, providers, warmup_sizes, inference.allow_spinning)
         self.models: dict[str, ModelEntry] = {entry.name: entry for entry in entries}
+        if task == "generation":
+            # Never merged across requests: a request's n samples are already one batch, and a sample's
+            # bytes must not depend on which other requests shared its model call (on CUDA the kernels
+            # chosen vary with the batch size). Bounded by queued samples like the batchers.
+            self.runners = {
+                entry.name: DirectRunner(entry.run_feeds, max(2, inference.intra_op_threads), entry.name,
+                                         inference.generate_max_queued_samples, inference.retry_after_seconds,
+                                         size=lambda feeds: len(feeds["z"]))
+                for entry in entries if entry.available
+            }
+            return
         max_batch, max_queued = ((inference.max_batch_size, inference.max_queued_images) if task == "classification"
                                  else (inference.segment_max_batch_size, inference.segment_max_queued_images))
         self.runners = {

@@ -163,3 +163,25 @@ def tampered_server(tmp_path_factory, fashion_test_images) -> RunningServer:
                            {"VISIONSERVE_MODELS_DIR": str(models), "VISIONSERVE_MAX_QUEUED_IMAGES": "1"})
     yield running
     stop_server(running)
+
+
+@pytest.fixture(scope="session")
+def generator_models(tmp_path_factory) -> Path:
+    """models/-like folder: a released classifier and a tiny conditional DCGAN trained for two batches and
+    exported by the real exporter (judged by that classifier), so tests do not need a released generator."""
+    work = tmp_path_factory.mktemp("generator")
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    train = subprocess.run([sys.executable, "-m", "training.train_dcgan", "--epochs", "1", "--dry-run",
+                            "--g-width", "8", "--d-width", "8", "--embed-dim", "10", "--batch-size", "16",
+                            "--no-progress", "--seed", "1", "--out", str(work / "runs")],
+                           cwd=REPO, capture_output=True, text=True, timeout=300, env=env)
+    assert train.returncode == 0, train.stderr
+    (run,) = (work / "runs" / "dcgan").iterdir()
+    classifier = next(iter(classification_cards()))
+    models = work / "models"
+    export = subprocess.run([sys.executable, "-m", "export.generator", "--run", str(run), "--name", "dcgan",
+                             "--out", str(models), "--judge", str(MODELS_DIR / classifier), "--per-class", "10",
+                             "--parity-samples", "100"], cwd=REPO, capture_output=True, text=True, timeout=300, env=env)
+    assert export.returncode == 0, export.stderr
+    shutil.copytree(MODELS_DIR / classifier, models / classifier)
+    return models

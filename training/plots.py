@@ -129,3 +129,44 @@ def plot_class_iou(per_class_iou: dict[str, float | None], path: str | Path, tit
     fig.tight_layout()
     fig.savefig(path, dpi=100)
     plt.close(fig)
+
+
+def plot_gan_curves(history: list[dict], path: str | Path, title: str = "") -> None:
+    """Both losses, and the discriminator's mean output on real and generated images, per epoch."""
+    epochs = [h["epoch"] for h in history]
+    fig, (ax_loss, ax_d) = plt.subplots(1, 2, figsize=(10, 4))
+    ax_loss.plot(epochs, [h["loss_d"] for h in history], label="discriminator")
+    ax_loss.plot(epochs, [h["loss_g"] for h in history], label="generator (non-saturating)")
+    ax_loss.set(xlabel="epoch", ylabel="loss", title="loss")
+    ax_d.plot(epochs, [h["d_real"] for h in history], label="D(x), real")
+    ax_d.plot(epochs, [h["d_fake"] for h in history], label="D(G(z)), generated")
+    ax_d.set(xlabel="epoch", ylabel="mean sigmoid output", title="discriminator", ylim=(0, 1))
+    for ax in (ax_loss, ax_d):
+        ax.grid(alpha=0.3)
+        ax.legend()
+    fig.suptitle(title)
+    fig.tight_layout()
+    fig.savefig(path, dpi=100)
+    plt.close(fig)
+
+
+def save_image_grid(pixels: np.ndarray, path: str | Path, columns: int = 10, title: str = "",
+                    row_labels: list[str] | None = None) -> None:
+    """uint8 [N, 1, H, W] images tiled row by row, grey, nearest-neighbour (no smoothing of the pixels)."""
+    n, _, h, w = pixels.shape
+    rows = -(-n // columns)
+    canvas = np.zeros((rows * (h + 2), columns * (w + 2)), dtype=np.uint8)
+    for i, image in enumerate(pixels):
+        r, c = divmod(i, columns)
+        canvas[r * (h + 2) + 1:r * (h + 2) + 1 + h, c * (w + 2) + 1:c * (w + 2) + 1 + w] = image[0]
+    fig, ax = plt.subplots(figsize=(columns * 0.6 + 1.5, rows * 0.6 + 0.6))
+    ax.imshow(canvas, cmap="gray", vmin=0, vmax=255, interpolation="nearest")
+    ax.set_xticks([])
+    if row_labels:
+        ax.set_yticks([r * (h + 2) + h / 2 for r in range(len(row_labels))], row_labels, fontsize=7)
+    else:
+        ax.set_yticks([])
+    ax.set_title(title, fontsize=9)
+    fig.tight_layout()
+    fig.savefig(path, dpi=100)
+    plt.close(fig)

@@ -1,0 +1,157 @@
+"""Export a trained DCGAN generator to models/<name>/{model.onnx, card.json} behind a parity gate.
+
+    python -m export.generator --run runs/dcgan/<stamp> --name dcgan --judge models/resnet
+
+The graph is the whole generator: z float32 [N, Z] and label int64 [N] in, pixels uint8 [N, C, 28, 28] out
+(tanh -> [0, 255], rounded, inside the graph), batch dynamic. Before anything is written the graph must
+pass onnx.checker and agree with PyTorch within one grey level on 2,000 samples; the card's metrics are
+then measured on the exported graph by export.evaluate_generator (the judge's class consistency, feature
+FID and its floor), and a sample grid is saved beside it.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+from pathlib import Path
+
+import numpy as np
+import torch
+from torch import nn
+
+from export.evaluate_generator import (CONSISTENCY_GATE, FID_RATIO_GATE, SAMPLES_PER_CLASS, evaluation_inputs,
+                                       gates, generate, score_generator, verified_session)
+from export.onnx_io import (ParityError, cpu_session, export_to_bytes, opset_of, run_batched, runtime_versions,
+                            sha256_bytes, write_model)
+from training.data import load_dataset
+from training.models import count_parameters
+from training.models.dcgan import DCGANConfig, Generator
+from training.plots import plot_gan_curves, save_image_grid
+from training.train_dcgan import command_for, to_uint8
+
+MAX_GREY_LEVEL_DIFF = 1
+PARITY_NOISE_SEED = 50_000_007
+
+
+class GeneratorGraph(nn.Module):
+    """Noise and class in, uint8 pixels out: the service never rescales a generator's output."""
+
+    def __init__(self, generator: Generator):
+        super().__init__()
+        self.generator = generator
+
+    def forward(self, z: torch.Tensor, label: torch.Tensor) -> torch.Tensor:
+        return to_uint8(self.generator(z, label))
+
+
+def load_run(run_dir: Path) -> tuple[GeneratorGraph, dict, dict, dict]:
+    saved = torch.load(run_dir / "generator.pt", map_location="cpu", weights_only=False)
+    generator = Generator(DCGANConfig(**saved["model_config"]))
+    generator.load_state_dict(saved["generator"])
+    graph = GeneratorGraph(generator.eval()).eval()
+    record = json.loads((run_dir / "config.json").read_text())
+    metrics = json.loads((run_dir / "metrics.json").read_text())
+    return graph, saved, record, metrics
+
+
+def check_parity(graph: GeneratorGraph, session, samples: int) -> dict:
+    cfg = graph.generator.cfg
+    z, labels = evaluation_inputs(cfg.z_dim, cfg.num_classes, -(-samples // cfg.num_classes), PARITY_NOISE_SEED)
+    with torch.no_grad():
+        torch_pixels = graph(torch.from_numpy(z), torch.from_numpy(labels)).numpy()
+    (ort_pixels,) = run_batched(session, {"z": z, "label": labels}, batch_size=500)
+    diff = np.abs(torch_pixels.astype(np.int16) - ort_pixels.astype(np.int16))
+    report = {"samples": int(len(z)), "max_abs_grey_level_diff": int(diff.max()),
+              "identical_pixels": float((diff == 0).mean()), "tolerance_grey_levels": MAX_GREY_LEVEL_DIFF,
+              "output_dtype": str(ort_pixels.dtype), "output_shape": list(ort_pixels.shape[1:])}
+    if ort_pixels.dtype != np.uint8 or diff.max() > MAX_GREY_LEVEL_DIFF:
+        raise ParityError(f"onnxruntime disagrees with PyTorch: {report}")
+    return report
+
+
+def build_card(name: str, graph: GeneratorGraph, record: dict, run_metrics: dict, metrics: dict, parity: dict,
+               opset: int, run_dir: Path) -> dict:
+    cfg = graph.generator.cfg
+    config = record["config"]
+    return {
+        "name": name,
+        "task": "generation",
+        "architecture": {"family": "dcgan", "conditioning": "class embedding concatenated with z; projection "
+                         "discriminator in training", "config": record["model_config"],
+                         "parameters": count_parameters(graph.generator)},
+        "inputs": [
+            {"name": "z", "dtype": "float32", "shape": ["N", cfg.z_dim], "distribution": "standard normal"},
+            {"name": "label", "dtype": "int64", "shape": ["N"], "range": [0, cfg.num_classes - 1]},
+        ],
+        "outputs": [{"name": "pixels", "dtype": "uint8", "shape": ["N", cfg.channels, cfg.image_size, cfg.image_size],
+                     "layout": "NCHW", "polarity": "light-on-dark"}],
+        "labels": record["label_names"],
+        "metrics": {"measured_by": "export.evaluate_generator: onnxruntime CPUExecutionProvider on the exported "
+                                   "graph and on the judge's", "dataset": config["dataset"],
+                    "gates": {"class_consistency_min": CONSISTENCY_GATE, "fid_to_floor_ratio_max": FID_RATIO_GATE},
+                    **metrics},
+        "training": {
+            "command": command_for(config), "seed": config["seed"], "config": config,
+            "data_files": record["data_files"], "hardware": record["hardware"],
+            "wall_seconds": round(run_metrics["wall_seconds"], 1),
+            "seconds_per_epoch": round(run_metrics["seconds_per_epoch"], 1), "epochs": run_metrics["epochs"],
+            "final_losses": {k: run_metrics["history"][-1][k] for k in ("loss_d", "loss_g", "d_real", "d_fake")},
+            "run": run_dir.name,
+        },
+        "parity": parity,
+        "export": {"exporter": "torch.onnx.export(dynamo=True, external_data=False)", "opset": opset,
+                   **runtime_versions()},
+    }
+
+
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--run", required=True, help="a run folder written by training.train_dcgan")
+    p.add_argument("--name", required=True, help="model name; written to OUT/NAME/")
+    p.add_argument("--out", default="models")
+    p.add_argument("--judge", default="models/resnet", help="the released classifier whose scores go on the card")
+    p.add_argument("--per-class", type=int, default=SAMPLES_PER_CLASS, help="samples per class for the metrics")
+    p.add_argument("--parity-samples", type=int, default=2000)
+    p.add_argument("--dry-run", action="store_true", help="check parity and print the card without writing")
+    return p.parse_args(argv)
+
+
+def main(args: argparse.Namespace) -> dict:
+    run_dir = Path(args.run)
+    graph, saved, record, run_metrics = load_run(run_dir)
+    cfg = graph.generator.cfg
+    example = (torch.zeros(2, cfg.z_dim), torch.zeros(2, dtype=torch.long))
+    batch = torch.export.Dim("batch", min=1, max=65536)
+    model_bytes = export_to_bytes(graph, example, ["z", "label"], ["pixels"], {"z": {0: batch}, "label": {0: batch}})
+    session = cpu_session(model_bytes)
+    parity = check_parity(graph, session, args.parity_samples)
+
+    config = record["config"]
+    judge_session, judge_card = verified_session(Path(args.judge))
+    test = load_dataset(config["dataset"], "test", config["data_dir"])
+    train = load_dataset(config["dataset"], "train", config["data_dir"])
+    scores = score_generator(session, judge_session, cfg.z_dim, record["label_names"], test.images.numpy(),
+                             train.images.numpy(), args.per_class)
+    metrics = {**scores, "judge": {"name": judge_card["name"], "version": judge_card.get("version"),
+                                   "sha256": judge_card["sha256"], "test_accuracy": judge_card["metrics"]["accuracy"]},
+               "passes_gates": all(gates(scores).values())}
+    card = build_card(args.name, graph, record, run_metrics, metrics, parity, opset_of(model_bytes), run_dir)
+    print(f"{args.name}: parity max {parity['max_abs_grey_level_diff']} grey level(s); class consistency "
+          f"{scores['class_consistency']:.2%}; feature FID {scores['feature_fid']:.3f} vs floor "
+          f"{scores['feature_fid_floor']:.3f} ({scores['fid_to_floor_ratio']:.2f}x); "
+          f"{len(model_bytes) / 1e6:.2f} MB", flush=True)
+    if args.dry_run:
+        return card | {"sha256": sha256_bytes(model_bytes)}
+
+    out_dir = Path(args.out) / args.name
+    write_model(out_dir, model_bytes, card)
+    z, labels = evaluation_inputs(cfg.z_dim, cfg.num_classes, 10)
+    save_image_grid(generate(session, z, labels), out_dir / "samples.png", columns=10,
+                    title=f"{args.name} (onnxruntime): one row per class, consistency {scores['class_consistency']:.1%}",
+                    row_labels=record["label_names"])
+    plot_gan_curves(run_metrics["history"], out_dir / "curves.png", f"{args.name}: {card['training']['command']}")
+    return json.loads((out_dir / "card.json").read_text())
+
+
+if __name__ == "__main__":
+    main(parse_args())

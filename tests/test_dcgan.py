@@ -1,0 +1,141 @@
+"""The conditional DCGAN: model shapes and conditioning, the training CLI (outputs, determinism, resume),
+the Frechet distance, and the exported graph's contract and parity."""
+
+import json
+
+import numpy as np
+import onnxruntime as ort
+import pytest
+import torch
+
+from export.evaluate_generator import evaluation_inputs, frechet_distance
+from training.models.dcgan import DCGANConfig, Discriminator, Generator, initialise_dcgan
+from training.train_dcgan import grid_inputs, main, parse_args, to_uint8
+
+TINY = ["--g-width", "8", "--d-width", "8", "--embed-dim", "10", "--batch-size", "16"]
+
+
+def tiny_models(seed: int = 0) -> tuple[Generator, Discriminator]:
+    torch.manual_seed(seed)
+    cfg = DCGANConfig(g_width=8, d_width=8, embed_dim=10)
+    generator, discriminator = Generator(cfg), Discriminator(cfg)
+    initialise_dcgan(generator, discriminator)
+    return generator, discriminator
+
+
+def test_generator_and_discriminator_shapes_and_gradients():
+    generator, discriminator = tiny_models()
+    z, labels = torch.randn(5, 100), torch.tensor([0, 1, 2, 3, 9])
+    images = generator(z, labels)
+    assert images.shape == (5, 1, 28, 28)
+    assert images.min() >= -1 and images.max() <= 1  # tanh range, what to_uint8 maps to 0..255
+    logits = discriminator(images, labels)
+    assert logits.shape == (5,) and torch.isfinite(logits).all()
+    (logits.sum() + images.sum()).backward()
+    for name, p in [*generator.named_parameters(), *discriminator.named_parameters()]:
+        assert p.grad is not None and p.grad.abs().sum() > 0, name
+
+
+def test_the_class_changes_the_sample_and_the_judgement():
+    generator, discriminator = tiny_models()
+    generator.eval()
+    discriminator.eval()
+    z = torch.randn(1, 100).repeat(2, 1)
+    labels = torch.tensor([0, 7])
+    images = generator(z, labels)
+    assert not torch.equal(images[0], images[1])
+    same = images[:1].repeat(2, 1, 1, 1)
+    logits = discriminator(same, labels)
+    assert logits[0] != logits[1]  # the projection term depends on the class
+
+
+def test_dcgan_initialisation_follows_the_paper():
+    generator, discriminator = tiny_models()
+    conv = generator.net[3].weight
+    assert abs(conv.mean().item()) < 0.01 and 0.015 < conv.std().item() < 0.025
+    bn = generator.net[1].weight
+    assert 0.9 < bn.mean().item() < 1.1
+    assert discriminator.embed.weight.std().item() < 0.05
+
+
+def test_to_uint8_maps_the_tanh_range_onto_grey_levels():
+    values = torch.tensor([-1.5, -1.0, 0.0, 1.0, 2.0])
+    assert to_uint8(values).tolist() == [0, 0, 128, 255, 255]
+
+
+def test_grid_has_one_row_per_class_with_shared_noise():
+    z, labels = grid_inputs(DCGANConfig(), torch.device("cpu"))
+    assert z.shape == (100, 100) and labels.tolist() == [k for k in range(10) for _ in range(10)]
+    assert torch.equal(z[:10], z[10:20])  # same column, same noise: rows differ only by class
+
+
+def train(tmp_path, *flags):
+    return main(parse_args(["--out", str(tmp_path), "--no-progress", "--dry-run", *TINY, *flags]))
+
+
+def test_dry_run_writes_a_complete_run(tmp_path):
+    run = train(tmp_path, "--epochs", "2", "--seed", "3")
+    for name in ("config.json", "metrics.json", "generator.pt", "last.pt", "curves.png", "samples.png",
+                 "samples/epoch_001.png", "samples/epoch_002.png"):
+        assert (run / name).stat().st_size > 0, name
+    record = json.loads((run / "config.json").read_text())
+    assert record["config"]["seed"] == 3 and record["config"]["model"] == "dcgan"
+    assert all(len(digest) == 64 for digest in record["data_files"].values()) and record["data_files"]
+    assert record["parameters"]["generator"] > 0 and record["hardware"]
+    assert "--seed 3" in record["command"]
+    metrics = json.loads((run / "metrics.json").read_text())
+    assert [h["epoch"] for h in metrics["history"]] == [1, 2] and metrics["wall_seconds"] > 0
+
+
+def test_same_seed_same_run_and_resume_continues_it(tmp_path):
+    full = train(tmp_path / "full", "--epochs", "2", "--seed", "5")
+    again = train(tmp_path / "again", "--epochs", "2", "--seed", "5")
+    a = torch.load(full / "generator.pt", weights_only=False)["generator"]
+    b = torch.load(again / "generator.pt", weights_only=False)["generator"]
+    assert all(torch.equal(a[k], b[k]) for k in a)
+    stopped = train(tmp_path / "part", "--epochs", "2", "--seed", "5", "--stop-after", "1")
+    assert not (stopped / "metrics.json").exists()
+    resumed = main(parse_args(["--resume", str(stopped), "--no-progress", "--dry-run"]))
+    c = torch.load(resumed / "generator.pt", weights_only=False)["generator"]
+    assert all(torch.equal(a[k], c[k]) for k in a)
+    other = train(tmp_path / "other", "--epochs", "1", "--seed", "6")
+    d = torch.load(other / "generator.pt", weights_only=False)["generator"]
+    assert not all(torch.equal(a[k], d[k]) for k in a)
+
+
+def test_frechet_distance_of_gaussians_matches_the_closed_form():
+    rng = np.random.default_rng(0)
+    a = rng.standard_normal((20000, 4))
+    assert frechet_distance(a, a) == pytest.approx(0.0, abs=1e-6)
+    # Same covariance, means 2 apart on one axis: the distance is the squared shift, 4.
+    shifted = rng.standard_normal((20000, 4)) + np.array([2.0, 0, 0, 0])
+    assert frechet_distance(a, shifted) == pytest.approx(4.0, abs=0.1)
+    # Same mean, one axis scaled by 3: (3 - 1)^2 = 4 from the covariance term alone.
+    scaled = rng.standard_normal((20000, 4)) * np.array([3.0, 1, 1, 1])
+    assert frechet_distance(a, scaled) == pytest.approx(4.0, abs=0.2)
+
+
+def test_evaluation_inputs_are_fixed_and_balanced():
+    z1, labels1 = evaluation_inputs(100, 10, 7)
+    z2, labels2 = evaluation_inputs(100, 10, 7)
+    assert np.array_equal(z1, z2) and np.array_equal(labels1, labels2)
+    assert z1.dtype == np.float32 and labels1.dtype == np.int64
+    assert np.bincount(labels1).tolist() == [7] * 10
+
+
+def test_exported_generator_contract(generator_models):
+    """The exported graph: z float32 [N,100] and label int64 [N] in, uint8 [N,1,28,28] out, any N."""
+    folder = generator_models / "dcgan"
+    card = json.loads((folder / "card.json").read_text())
+    session = ort.InferenceSession(str(folder / "model.onnx"), providers=["CPUExecutionProvider"])
+    assert [(i.name, i.type) for i in session.get_inputs()] == [("z", "tensor(float)"), ("label", "tensor(int64)")]
+    assert [o.name for o in session.get_outputs()] == ["pixels"]
+    for n in (1, 3, 17):
+        z, labels = evaluation_inputs(100, 10, 1)
+        (pixels,) = session.run(None, {"z": np.resize(z, (n, 100)), "label": np.resize(labels, n)})
+        assert pixels.shape == (n, 1, 28, 28) and pixels.dtype == np.uint8
+    assert card["task"] == "generation" and card["parity"]["max_abs_grey_level_diff"] <= 1
+    metrics = card["metrics"]
+    assert 0 <= metrics["class_consistency"] <= 1 and metrics["feature_fid_floor"] > 0
+    assert metrics["fid_to_floor_ratio"] == pytest.approx(metrics["feature_fid"] / metrics["feature_fid_floor"])
+    assert (folder / "samples.png").stat().st_size > 0

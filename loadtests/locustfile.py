@@ -166,7 +166,7 @@ class GenerateUser(VisionUser):
         request = self.generate_request()
         with self.client.post(self.endpoint.path, json=request, name=self.endpoint.name, catch_response=True) as response:
             if request["format"] == "images":
-                check_json(response)
+                check_json(response, required_key="images")
             elif response.status_code != 200:
                 response.failure(f"HTTP {response.status_code} {error_code(response)}")
             elif not response.content.startswith(PNG_SIGNATURE):

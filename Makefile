@@ -7,7 +7,7 @@ PORT   ?= 3000
 FMNIST := /usr/share/datasets/fashion-mnist
 INSTALLED := $(VENV)/.installed
 
-.PHONY: help install data test serve bento evaluate bench-serve models-present clean
+.PHONY: help install data test serve bento evaluate bench-serve loadtest models-present clean
 .DEFAULT_GOAL := help
 
 help:
@@ -16,6 +16,10 @@ help:
 	@echo "make bento      import models/ into BentoML's store and build the bento"
 	@echo "make evaluate   evaluate the released models with onnxruntime on the full test split"
 	@echo "make bench-serve  raw onnxruntime vs served throughput and latency"
+	@echo "make loadtest   Locust load test against objectives (serves first if nothing answers); reports/loadtest/"
+	@echo "                USERS=$(USERS) SPAWN_RATE=$(SPAWN_RATE) DURATION=$(DURATION) SCENARIO=$(SCENARIO) (all classify segment"
+	@echo "                generate smoke available) HOST=$(LOADTEST_URL) WORKERS=$(WORKERS) (N: Locust master + N workers)"
+	@echo "                SLO=$(SLO); for remote workers: LOCAL_WORKERS=0 MASTER_BIND=0.0.0.0 MASTER_PORT=5557"
 
 # Re-installs whenever pyproject.toml changes. torch is pinned to the CPU build on this machine's disk.
 $(INSTALLED): pyproject.toml
@@ -70,6 +74,23 @@ bento: install models-present
 # Raw onnxruntime vs served, one run; writes benchmarks/results/serve.{json,md}.
 bench-serve: install data models-present
 	$(BIN)/python benchmarks/bench_serve.py --out benchmarks/results
+
+# Load test (loadtests/run.py): uses the service answering at HOST, or starts one there and stops it after;
+# Locust headless for DURATION; reports in reports/loadtest/<UTC stamp>/; exits non-zero naming each objective
+# of SLO that was missed. HOST is a URL (http://10.0.0.5:3000) or, as for `make serve`, a host with PORT.
+USERS      ?= 8
+SPAWN_RATE ?= 8
+DURATION   ?= 20s
+SCENARIO   ?= all
+WORKERS    ?= 0
+SLO        ?= loadtests/slo.yaml
+LOADTEST_URL = $(if $(findstring ://,$(HOST)),$(HOST),http://$(HOST):$(PORT))
+
+loadtest: install data
+	$(BIN)/python -m loadtests.run --users $(USERS) --spawn-rate $(SPAWN_RATE) --duration $(DURATION) \
+		--scenario $(SCENARIO) --host $(LOADTEST_URL) --workers $(WORKERS) --slo $(SLO) \
+		$(if $(LOCAL_WORKERS),--local-workers $(LOCAL_WORKERS)) $(if $(MASTER_BIND),--master-bind-host $(MASTER_BIND)) \
+		$(if $(MASTER_PORT),--master-port $(MASTER_PORT))
 
 clean:
 	rm -rf $(VENV) .pytest_cache

@@ -139,3 +139,14 @@ def test_exported_generator_contract(generator_models):
     assert 0 <= metrics["class_consistency"] <= 1 and metrics["feature_fid_floor"] > 0
     assert metrics["fid_to_floor_ratio"] == pytest.approx(metrics["feature_fid"] / metrics["feature_fid_floor"])
     assert (folder / "samples.png").stat().st_size > 0
+
+
+def test_a_resumed_run_can_be_ended_or_extended_and_says_so(tmp_path):
+    stopped = train(tmp_path, "--epochs", "3", "--seed", "2", "--stop-after", "1")
+    ended = main(parse_args(["--resume", str(stopped), "--epochs", "1", "--no-progress", "--dry-run"]))
+    metrics = json.loads((ended / "metrics.json").read_text())
+    assert [h["epoch"] for h in metrics["history"]] == [1]
+    config = json.loads((ended / "config.json").read_text())["config"]
+    assert config["epochs"] == 1 and config["epochs_changes"] == [{"after_epoch": 1, "from": 3, "to": 1}]
+    with pytest.raises(SystemExit):
+        main(parse_args(["--resume", str(ended), "--epochs", "0", "--no-progress", "--dry-run"]))

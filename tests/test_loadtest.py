@@ -1,8 +1,8 @@
 """The load-test driver (`make loadtest`, loadtests/run.py) end to end: real servers, real Locust, no mocks.
 
-Runs in about 90 s: a tiny SegNet is trained and exported so that /segment is loaded too (no segmenter is
-released yet); a generator, when models/ holds one, is copied in and /generate joins the smoke run through
-the `available` scenario. The other tests share one classifier-only server started here.
+Runs in about 90 s: a tiny SegNet and a tiny DCGAN stand in for a segmenter and a generator where models/
+holds none, so the smoke run always covers every endpoint. The other tests share one classifier-only server
+started here.
 """
 
 from __future__ import annotations
@@ -60,8 +60,8 @@ def only_report(out: Path) -> Path:
 
 
 @pytest.fixture(scope="module")
-def every_task_models(tmp_path_factory) -> Path:
-    """Every released model, plus a tiny dry-run SegNet when none is released, in one models folder."""
+def every_task_models(tmp_path_factory, generator_models) -> Path:
+    """Every released model, plus a tiny dry-run SegNet and DCGAN where none is released, in one models folder."""
     work = tmp_path_factory.mktemp("loadtest-models")
     models = work / "models"
     for folder in released_models():
@@ -75,6 +75,8 @@ def every_task_models(tmp_path_factory) -> Path:
         export = run_quietly([sys.executable, "-m", "export.segmenter", "--run", str(run), "--name", "segnet",
                               "--out", str(models), "--parity-scenes", "8", "--parity-size", "32", "48"])
         assert export.returncode == 0, export.stderr
+    if "generation" not in model_tasks(models):
+        shutil.copytree(generator_models / "dcgan", models / "dcgan")
     return models
 
 

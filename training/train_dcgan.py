@@ -66,7 +66,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--seed", type=int)
     p.add_argument("--device", default="auto", help="auto, cpu or cuda")
     p.add_argument("--out", default="runs", help="runs are written to OUT/dcgan/<stamp>/")
-    p.add_argument("--resume", help="a run folder whose last.pt to continue from")
+    p.add_argument("--resume", help="a run folder whose last.pt to continue from (with --epochs: a new length)")
     p.add_argument("--stop-after", type=int, help="stop after this many epochs of this invocation")
     p.add_argument("--dry-run", action="store_true", help="two batches per epoch, to check the plumbing")
     p.add_argument("--no-progress", action="store_true", help="hide the tqdm bars")
@@ -174,6 +174,14 @@ def main(args: argparse.Namespace) -> Path:
         run_dir = Path(args.resume)
         state = torch.load(run_dir / "last.pt", map_location="cpu", weights_only=False)
         config = state["config"]
+        if args.epochs is not None and args.epochs != config["epochs"]:
+            # A GAN's rates are constant, so the planned length changes nothing already done: a run can be
+            # extended, or ended where it stands (--epochs <epochs done>), and the change is recorded.
+            if args.epochs < state["epoch"]:
+                raise SystemExit(f"{run_dir} has already trained {state['epoch']} epochs")
+            config = {**config, "epochs": args.epochs,
+                      "epochs_changes": [*config.get("epochs_changes", []),
+                                         {"after_epoch": state["epoch"], "from": config["epochs"], "to": args.epochs}]}
     else:
         config = resolve_config(args)
         state = None

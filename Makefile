@@ -51,6 +51,7 @@ test: install data
 evaluate: install data
 	$(BIN)/python -m export.evaluate --models models --out benchmarks/results
 	$(BIN)/python -m export.evaluate_segmenter --models models --out benchmarks/results
+	$(BIN)/python -m export.evaluate_generator --models models --judge models/resnet --out benchmarks/results
 
 # Released models come from training + export, never from a download: say what to run when they are missing.
 models-present:

@@ -20,44 +20,83 @@ from torch import nn
 
 from export.onnx_io import (ParityError, cpu_session, export_to_bytes, opset_of, run_batched, runtime_versions,
                             sha256_bytes, write_model)
-from training.data import load_dataset
+from training.data import load_dataset, train_val_split
 from training.models import build_classifier, count_parameters
 from training.plots import confusion_matrix, plot_confusion, plot_curves
 from training.train import command_for
 
 
+# Test-time augmentation: the views of each image whose probabilities (and embeddings) the graph averages.
+# Only transformations the model was trained with: horizontal mirrors, and one-pixel shifts (zero fill).
+TTA_VIEWS = {
+    "none": [(0, 0, False)],
+    "flip": [(0, 0, False), (0, 0, True)],
+    "flip-shift": [(dy, dx, flip) for dy, dx in ((0, 0), (1, 0), (-1, 0), (0, 1), (0, -1)) for flip in (False, True)],
+}
+TTA_DESCRIPTIONS = {
+    "none": "none",
+    "flip": "mean of the image and its horizontal mirror (2 passes)",
+    "flip-shift": "mean over the image and its one-pixel shifts up, down, left and right, each also mirrored "
+                  "(10 passes)",
+}
+
+
 class ClassifierGraph(nn.Module):
     """Raw uint8 pixels in, probabilities and penultimate features out: no preprocessing outside the graph."""
 
-    def __init__(self, model: nn.Module, mean: list[float], std: list[float], flip_tta: bool = False):
+    def __init__(self, model: nn.Module, mean: list[float], std: list[float], tta: str = "none"):
         super().__init__()
         self.model = model
-        self.flip_tta = flip_tta
+        self.tta = tta
         self.register_buffer("mean", torch.tensor(mean, dtype=torch.float32).view(1, -1, 1, 1))
         self.register_buffer("std", torch.tensor(std, dtype=torch.float32).view(1, -1, 1, 1))
 
     def forward(self, pixels: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        x = (pixels.to(torch.float32) / 255.0 - self.mean) / self.std  # same arithmetic as training.data.normalise
-        embedding = self.model.forward_features(x)
-        probabilities = torch.softmax(self.model.classifier(embedding), dim=1)
-        if self.flip_tta:
-            # Test-time augmentation with the mirror image the model was trained on: one more forward pass,
-            # averaged, inside the graph so that every client gets it and no preprocessing lives outside.
-            mirrored = self.model.forward_features(torch.flip(x, dims=[3]))
-            embedding = (embedding + mirrored) / 2
-            probabilities = (probabilities + torch.softmax(self.model.classifier(mirrored), dim=1)) / 2
-        return probabilities, embedding
+        # Test-time augmentation lives inside the graph so that every client gets it and no preprocessing
+        # is written twice. Views are cut from the raw pixels padded with the background value 0.
+        raw = pixels.to(torch.float32)
+        height, width = raw.shape[2], raw.shape[3]
+        padded = nn.functional.pad(raw, (1, 1, 1, 1)) if self.tta == "flip-shift" else raw
+        probabilities, embedding = None, None
+        views = TTA_VIEWS[self.tta]
+        for dy, dx, flip in views:
+            view = padded[:, :, 1 + dy:1 + dy + height, 1 + dx:1 + dx + width] if self.tta == "flip-shift" else raw
+            if flip:
+                view = torch.flip(view, dims=[3])
+            x = (view / 255.0 - self.mean) / self.std  # same arithmetic as training.data.normalise
+            features = self.model.forward_features(x)
+            p = torch.softmax(self.model.classifier(features), dim=1)
+            probabilities = p if probabilities is None else probabilities + p
+            embedding = features if embedding is None else embedding + features
+        return probabilities / len(views), embedding / len(views)
 
 
-def load_run(run_dir: Path, flip_tta: bool = False) -> tuple[ClassifierGraph, dict, dict, dict]:
+def load_run(run_dir: Path, tta: str = "none") -> tuple[ClassifierGraph, dict, dict, dict]:
     best = torch.load(run_dir / "best.pt", map_location="cpu", weights_only=False)
     model, _ = build_classifier(best["model_name"], **best["model_config"])
     model.load_state_dict(best["model"])
     model = model.to(memory_format=torch.contiguous_format).float().eval()
-    graph = ClassifierGraph(model, best["normalisation"]["mean"], best["normalisation"]["std"], flip_tta).eval()
+    graph = ClassifierGraph(model, best["normalisation"]["mean"], best["normalisation"]["std"], tta).eval()
     record = json.loads((run_dir / "config.json").read_text())
     metrics = json.loads((run_dir / "metrics.json").read_text())
     return graph, best, record, metrics
+
+
+@torch.no_grad()
+def validation_accuracy_by_tta(graph: ClassifierGraph, config: dict) -> dict[str, float]:
+    """PyTorch accuracy of each test-time augmentation on the run's own validation split (never the test
+    split), so that the choice of views is made where the model was selected."""
+    full = load_dataset(config["dataset"], "train", config["data_dir"])
+    _, val = train_val_split(full, config["val_fraction"], config["seed"])
+    chosen = graph.tta
+    scores = {}
+    for tta in TTA_VIEWS:
+        graph.tta = tta
+        correct = sum(int((graph(val.images[i:i + 1000])[0].argmax(1) == val.labels[i:i + 1000]).sum())
+                      for i in range(0, len(val), 1000))
+        scores[tta] = correct / len(val)
+    graph.tta = chosen
+    return scores
 
 
 def check_parity(graph: ClassifierGraph, session, images: np.ndarray, tolerance: float) -> dict:
@@ -98,7 +137,7 @@ def build_card(name: str, graph: ClassifierGraph, best: dict, record: dict, run_
                     "padding_value": 0, "polarity": "light-on-dark",
                     "invert": "auto: inverted when the image border is brighter than its centre"},
             "normalisation": {"inside_graph": True, **record["normalisation"]},
-            "test_time_augmentation": "mean of the image and its horizontal mirror" if graph.flip_tta else "none",
+            "test_time_augmentation": TTA_DESCRIPTIONS[graph.tta],
         },
         "outputs": [
             {"name": "probabilities", "dtype": "float32", "shape": ["N", len(record["label_names"])]},
@@ -128,16 +167,24 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--out", default="models")
     p.add_argument("--parity-images", type=int, default=2000, help="test images compared with PyTorch (>= 512)")
     p.add_argument("--tolerance", type=float, default=1e-4, help="max |p_onnx - p_torch|")
-    p.add_argument("--flip-tta", action="store_true",
-                   help="average the image and its horizontal mirror inside the graph (twice the compute)")
+    p.add_argument("--tta", choices=sorted(TTA_VIEWS), default="none",
+                   help="test-time augmentation inside the graph: flip (2 passes), flip-shift (10 passes)")
+    p.add_argument("--choose-tta", action="store_true",
+                   help="measure every --tta on the run's validation split and export the most accurate "
+                        "(the cheaper one on a tie); the scores go on the card")
     p.add_argument("--dry-run", action="store_true", help="check parity and print the card without writing")
     return p.parse_args(argv)
 
 
 def main(args: argparse.Namespace) -> dict:
     run_dir = Path(args.run)
-    graph, best, record, run_metrics = load_run(run_dir, args.flip_tta)
+    graph, best, record, run_metrics = load_run(run_dir, args.tta)
     config = record["config"]
+    tta_validation = None
+    if args.choose_tta:
+        tta_validation = validation_accuracy_by_tta(graph, config)
+        graph.tta = max(TTA_VIEWS, key=lambda tta: (tta_validation[tta], -len(TTA_VIEWS[tta])))
+        print(f"validation accuracy by test-time augmentation: {tta_validation}; chosen: {graph.tta}", flush=True)
     test = load_dataset(config["dataset"], "test", config["data_dir"])
     images, labels = test.images.numpy(), test.labels.numpy()
     in_shape = tuple(images.shape[1:])
@@ -150,6 +197,7 @@ def main(args: argparse.Namespace) -> dict:
     metrics, predictions = onnx_test_metrics(session, images, labels, test.label_names)
     card = build_card(args.name, graph, best, record, run_metrics, metrics, parity, opset_of(model_bytes),
                       in_shape, run_dir)
+    card["input"]["tta_validation_accuracy"] = tta_validation
     print(f"{args.name}: parity {parity['argmax_agreement']:.4f} argmax, max |dp| {parity['max_abs_probability_diff']:.2e}; "
           f"test accuracy (onnxruntime) {metrics['accuracy']:.4f}; {len(model_bytes) / 1e6:.2f} MB", flush=True)
     if args.dry_run:

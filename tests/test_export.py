@@ -104,12 +104,23 @@ def test_evaluation_catches_a_tampered_model(exported, tmp_path):
     assert any("sha256" in p for p in evaluate.evaluate_classifier(bad)["problems"])
 
 
-def test_flip_tta_graph_averages_the_mirror(digits_run, tmp_path):
+@pytest.mark.parametrize("tta", ["flip", "flip-shift"])
+def test_tta_graph_averages_the_mirror(digits_run, tmp_path, tta):
     card = export_classifier.main(export_classifier.parse_args(
-        ["--run", str(digits_run), "--name", "tta", "--out", str(tmp_path), "--flip-tta"]))
-    assert card["input"]["test_time_augmentation"].startswith("mean of the image")
+        ["--run", str(digits_run), "--name", "tta", "--out", str(tmp_path), "--tta", tta]))
+    assert card["input"]["test_time_augmentation"].startswith("mean of the image" if tta == "flip" else "mean over")
     session = ort.InferenceSession(str(tmp_path / "tta" / "model.onnx"), providers=["CPUExecutionProvider"])
     images = load_dataset("digits", "test").images.numpy()[:16]
     probs, _ = session.run(None, {"pixels": images})
     mirrored, _ = session.run(None, {"pixels": np.ascontiguousarray(images[..., ::-1])})
     np.testing.assert_allclose(probs, mirrored, atol=1e-5)  # symmetric by construction
+
+
+def test_choose_tta_picks_the_best_on_validation_and_records_it(digits_run, tmp_path):
+    card = export_classifier.main(export_classifier.parse_args(
+        ["--run", str(digits_run), "--name", "chosen", "--out", str(tmp_path), "--choose-tta"]))
+    scores = card["input"]["tta_validation_accuracy"]
+    assert set(scores) == {"none", "flip", "flip-shift"} and all(0 <= v <= 1 for v in scores.values())
+    best = max(scores.values())
+    chosen = [k for k, v in export_classifier.TTA_DESCRIPTIONS.items() if v == card["input"]["test_time_augmentation"]]
+    assert chosen and scores[chosen[0]] == best

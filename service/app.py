@@ -28,7 +28,7 @@ from starlette.routing import Route
 from . import classify, generate, segment
 from .config import ServingConfig, access_log_from_environment, workers_from_environment
 from .errors import EXCEPTION_HANDLERS, ApiError
-from .http_front import RequestBodyLimit
+from .http_front import ControlCharactersInPath, RequestBodyLimit
 from .images import configure_pillow_limits
 from .model_store import model_folders
 from .onnx_models import preload_cuda_libraries, requested_providers
@@ -56,7 +56,23 @@ async def show_model(request: Request) -> JSONResponse:
     raise ApiError(404, "unknown_model", f"no model named {name!r}; known: {service.model_names()}", None)
 
 
+def methods_at(app: Starlette, path: str) -> set[str]:
+    """The methods our routes (not the catch-alls) answer at `path`."""
+    methods: set[str] = set()
+    for route in app.routes:
+        if isinstance(route, Route) and route.endpoint is not unknown_path and route.path_regex.match(path):
+            methods |= route.methods or set()
+    return methods
+
+
 async def unknown_path(request: Request) -> JSONResponse:
+    # The catch-alls below also match known paths (/classify/json under /classify/{rest}): a wrong method
+    # there is a 405 with Allow, as on every other route, not a 404.
+    allowed = methods_at(request.app, request.url.path)
+    if allowed:
+        methods = ", ".join(sorted(allowed))
+        raise ApiError(405, "method_not_allowed", f"{request.method} is not allowed here; use {methods}", None,
+                       headers={"Allow": methods})
     raise ApiError(404, "not_found", f"no endpoint at {request.url.path}; see GET /docs.json")
 
 
@@ -156,3 +172,7 @@ class VisionService:
                                      for name, sizes in task.batch_sizes_seen().items()},
             },
         }
+
+
+# On the service, not the mounted app: paths our mounted app never sees still get our error shape.
+VisionService.add_asgi_middleware(ControlCharactersInPath)

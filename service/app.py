@@ -30,8 +30,9 @@ from .config import ServingConfig, access_log_from_environment, workers_from_env
 from .errors import EXCEPTION_HANDLERS, ApiError
 from .http_front import ControlCharactersInPath, RequestBodyLimit
 from .images import configure_pillow_limits
-from .model_store import model_folders
+from .model_store import folders_to_serve
 from .onnx_models import preload_cuda_libraries, requested_providers
+from .security import ApiKeyAuth
 from .task_models import TaskModels
 
 logger = logging.getLogger("bentoml.visionserve")
@@ -119,12 +120,29 @@ def build_front() -> Starlette:
     )
 
 
+def check_configuration_before_serving() -> None:
+    """The configuration is read, and the models to serve found, in the `bentoml serve` process itself,
+    before any worker starts.
+
+    BentoML's arbiter respawns a worker whose __init__ raises, forever and never ready (measured: with a
+    missing VISIONSERVE_MODELS_DIR it logged the same traceback 270 lines a minute and did not exit), so a
+    server that cannot serve anything must fail here and exit, like a bad VISIONSERVE_WORKERS does.
+    """
+    folders_to_serve(ServingConfig.from_environ().models_dir)
+
+
+check_configuration_before_serving()
+
+
 @bentoml.service(
     name="visionserve",
     # BentoML fixes workers when the class is declared; the env var is read there, once.
     workers=workers_from_environment(),
     # The hard limit per request; the batcher's queue bound answers overload long before it.
     traffic={"timeout": 60},
+    # A bare `bentoml serve` binds every interface (0.0.0.0); this service listens on loopback unless told
+    # otherwise (--host or BENTOML_HOST, as the container image does: docs/SERVING.md).
+    http={"host": "127.0.0.1"},
     # One log line per request costs about as much CPU as a small model call: off unless asked for.
     logging={"access": {"enabled": access_log_from_environment()}},
 )
@@ -136,7 +154,7 @@ class VisionService:
         self.config = ServingConfig.from_environ()
         inference = self.config.inference
         configure_pillow_limits(self.config.limits.max_pixels_per_image)
-        folders = model_folders(self.config.models_dir)
+        folders = folders_to_serve(self.config.models_dir)
         providers = requested_providers(inference.provider)
         if providers[0] == "CUDAExecutionProvider":
             preload_cuda_libraries()
@@ -153,6 +171,8 @@ class VisionService:
                     "; ".join(f"{task.task} models {task.available} available, default {task.default_model_name()}, "
                               f"{sorted(set(task.models) - set(task.available))} unavailable" for task in self.tasks),
                     "on" if inference.batching else "off", inference.workers, inference.intra_op_threads)
+        logger.info("API key authentication %s", "on (VISIONSERVE_API_KEY)" if self.config.api_key_required
+                    else "off: set VISIONSERVE_API_KEY to require a key")
 
     def model_names(self) -> list[str]:
         return sorted(name for task in self.tasks for name in task.models)
@@ -174,5 +194,7 @@ class VisionService:
         }
 
 
-# On the service, not the mounted app: paths our mounted app never sees still get our error shape.
+# On the service, not the mounted app: the key guards BentoML's own routes (/, /docs.json, /metrics) too,
+# and paths our mounted app never sees still get our error shape. The first added is the outermost.
+VisionService.add_asgi_middleware(ApiKeyAuth)
 VisionService.add_asgi_middleware(ControlCharactersInPath)

@@ -32,6 +32,7 @@ from .http_front import ControlCharactersInPath, RequestBodyLimit
 from .images import configure_pillow_limits
 from .model_store import folders_to_serve
 from .onnx_models import preload_cuda_libraries, requested_providers
+from .openapi import build_openapi
 from .security import ApiKeyAuth
 from .task_models import TaskModels
 
@@ -74,7 +75,11 @@ async def unknown_path(request: Request) -> JSONResponse:
         methods = ", ".join(sorted(allowed))
         raise ApiError(405, "method_not_allowed", f"{request.method} is not allowed here; use {methods}", None,
                        headers={"Allow": methods})
-    raise ApiError(404, "not_found", f"no endpoint at {request.url.path}; see GET /docs.json")
+    raise ApiError(404, "not_found", f"no endpoint at {request.url.path}; see GET /openapi.json")
+
+
+async def openapi_document(request: Request) -> JSONResponse:
+    return JSONResponse(current_service().openapi_document())
 
 
 @contextlib.asynccontextmanager
@@ -107,6 +112,7 @@ def build_front() -> Starlette:
             *generate.ROUTES,
             Route("/models", list_models, methods=["GET"]),
             Route("/models/{name}", show_model, methods=["GET"]),
+            Route("/openapi.json", openapi_document, methods=["GET"]),
             # Unknown paths under our prefixes get our error shape (elsewhere BentoML answers its own 404).
             Route("/classify/{rest:path}", unknown_path, methods=any_method),
             Route("/segment/{rest:path}", unknown_path, methods=any_method),
@@ -173,6 +179,13 @@ class VisionService:
                     "on" if inference.batching else "off", inference.workers, inference.intra_op_threads)
         logger.info("API key authentication %s", "on (VISIONSERVE_API_KEY)" if self.config.api_key_required
                     else "off: set VISIONSERVE_API_KEY to require a key")
+        self._openapi: dict | None = None
+
+    def openapi_document(self) -> dict:
+        if self._openapi is None:
+            defaults = {task.task: task.default_model_name() for task in self.tasks}
+            self._openapi = build_openapi(self.config.limits, defaults, self.config.api_key_required)
+        return self._openapi
 
     def model_names(self) -> list[str]:
         return sorted(name for task in self.tasks for name in task.models)

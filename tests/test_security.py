@@ -112,7 +112,7 @@ def test_urls_sent_as_images_get_a_4xx_and_are_never_fetched(every_task_server):
 
 def test_cors_is_closed_by_default(every_task_server):
     origin = {"Origin": "http://evil.example"}
-    for path in ("/models", "/docs.json", "/readyz"):
+    for path in ("/models", "/openapi.json", "/docs.json", "/readyz"):
         response = httpx.get(every_task_server.url + path, headers=origin, timeout=10)
         assert response.status_code == 200 and "access-control-allow-origin" not in response.headers, path
     preflight = {**origin, "Access-Control-Request-Method": "POST", "Access-Control-Request-Headers": "content-type"}
@@ -229,14 +229,18 @@ def test_the_key_in_another_scheme_is_not_accepted(auth_server):
                                      {"Authorization": "Bearer wrong", "X-API-Key": API_KEY}],
                          ids=["bearer", "bearer-lowercase", "x-api-key", "either-header"])
 def test_the_key_opens_every_route(auth_server, headers):
-    for path in ("/models", "/docs.json", "/metrics"):
+    for path in ("/models", "/openapi.json", "/docs.json", "/metrics"):
         assert httpx.get(auth_server.url + path, headers=headers, timeout=10).status_code == 200, path
     response = httpx.post(auth_server.url + "/classify", headers=headers, timeout=30,
                           files=[("images", ("a.png", png(), "image/png"))])
     assert response.status_code == 200 and len(response.json()["predictions"]) == 1, response.text
 
 
-def test_the_log_says_whether_a_key_is_needed_and_never_shows_it(auth_server):
+def test_the_document_declares_the_key_and_the_log_never_shows_it(auth_server):
+    document = httpx.get(auth_server.url + "/openapi.json", headers={"X-API-Key": API_KEY}, timeout=10).json()
+    assert set(document["components"]["securitySchemes"]) == {"bearer", "apiKey"}
+    assert document["security"] == [{"bearer": []}, {"apiKey": []}]
+    assert "401" in document["paths"]["/classify"]["post"]["responses"]
     assert "API key authentication on" in auth_server.log()
     assert API_KEY not in auth_server.log()
 

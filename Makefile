@@ -7,7 +7,7 @@ PORT   ?= 3000
 FMNIST := /usr/share/datasets/fashion-mnist
 INSTALLED := $(VENV)/.installed
 
-.PHONY: help install data test serve bento evaluate bench-serve loadtest models-present clean
+.PHONY: help install data test serve bento evaluate bench-serve loadtest fuzz models-present clean
 .DEFAULT_GOAL := help
 
 help:
@@ -20,6 +20,8 @@ help:
 	@echo "                USERS=$(USERS) SPAWN_RATE=$(SPAWN_RATE) DURATION=$(DURATION) SCENARIO=$(SCENARIO) (all classify segment"
 	@echo "                generate smoke available) HOST=$(LOADTEST_URL) WORKERS=$(WORKERS) (N: Locust master + N workers)"
 	@echo "                SLO=$(SLO); for remote workers: LOCAL_WORKERS=0 MASTER_BIND=0.0.0.0 MASTER_PORT=5557"
+	@echo "make fuzz       schemathesis against GET /openapi.json (serves first if nothing answers); reports/fuzz/"
+	@echo "                FUZZ_CASES=$(FUZZ_CASES) FUZZ_SEED=(random) HOST=$(LOADTEST_URL)"
 
 # Re-installs whenever pyproject.toml changes. torch is pinned to the CPU build on this machine's disk.
 $(INSTALLED): pyproject.toml
@@ -92,6 +94,16 @@ loadtest: install data
 		--scenario $(SCENARIO) --host $(LOADTEST_URL) --workers $(WORKERS) --slo $(SLO) \
 		$(if $(LOCAL_WORKERS),--local-workers $(LOCAL_WORKERS)) $(if $(MASTER_BIND),--master-bind-host $(MASTER_BIND)) \
 		$(if $(MASTER_PORT),--master-port $(MASTER_PORT))
+
+# Fuzzing (loadtests/fuzz.py): schemathesis generates FUZZ_CASES requests (plus its boundary cases) from the
+# server's own OpenAPI document and checks every answer against it; uses the service at HOST or starts one.
+# Reports in reports/fuzz/<UTC stamp>/; exits non-zero on any failure (schemathesis.log has a curl per failure).
+FUZZ_CASES ?= 1000
+FUZZ_SEED  ?=
+
+fuzz: install
+	$(BIN)/python -m loadtests.fuzz --cases $(FUZZ_CASES) --host $(LOADTEST_URL) --out reports/fuzz \
+		$(if $(FUZZ_SEED),--seed $(FUZZ_SEED))
 
 clean:
 	rm -rf $(VENV) .pytest_cache

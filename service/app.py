@@ -28,10 +28,12 @@ from starlette.routing import Route
 from . import classify, generate, segment
 from .config import ServingConfig, access_log_from_environment, workers_from_environment
 from .errors import EXCEPTION_HANDLERS, ApiError
-from .http_front import RequestBodyLimit
+from .http_front import ControlCharactersInPath, RequestBodyLimit
 from .images import configure_pillow_limits
-from .model_store import model_folders
+from .model_store import folders_to_serve
 from .onnx_models import preload_cuda_libraries, requested_providers
+from .openapi import build_openapi
+from .security import ApiKeyAuth
 from .task_models import TaskModels
 
 logger = logging.getLogger("bentoml.visionserve")
@@ -56,8 +58,28 @@ async def show_model(request: Request) -> JSONResponse:
     raise ApiError(404, "unknown_model", f"no model named {name!r}; known: {service.model_names()}", None)
 
 
+def methods_at(app: Starlette, path: str) -> set[str]:
+    """The methods our routes (not the catch-alls) answer at `path`."""
+    methods: set[str] = set()
+    for route in app.routes:
+        if isinstance(route, Route) and route.endpoint is not unknown_path and route.path_regex.match(path):
+            methods |= route.methods or set()
+    return methods
+
+
 async def unknown_path(request: Request) -> JSONResponse:
-    raise ApiError(404, "not_found", f"no endpoint at {request.url.path}; see GET /docs.json")
+    # The catch-alls below also match known paths (/classify/json under /classify/{rest}): a wrong method
+    # there is a 405 with Allow, as on every other route, not a 404.
+    allowed = methods_at(request.app, request.url.path)
+    if allowed:
+        methods = ", ".join(sorted(allowed))
+        raise ApiError(405, "method_not_allowed", f"{request.method} is not allowed here; use {methods}", None,
+                       headers={"Allow": methods})
+    raise ApiError(404, "not_found", f"no endpoint at {request.url.path}; see GET /openapi.json")
+
+
+async def openapi_document(request: Request) -> JSONResponse:
+    return JSONResponse(current_service().openapi_document())
 
 
 @contextlib.asynccontextmanager
@@ -90,6 +112,7 @@ def build_front() -> Starlette:
             *generate.ROUTES,
             Route("/models", list_models, methods=["GET"]),
             Route("/models/{name}", show_model, methods=["GET"]),
+            Route("/openapi.json", openapi_document, methods=["GET"]),
             # Unknown paths under our prefixes get our error shape (elsewhere BentoML answers its own 404).
             Route("/classify/{rest:path}", unknown_path, methods=any_method),
             Route("/segment/{rest:path}", unknown_path, methods=any_method),
@@ -103,12 +126,29 @@ def build_front() -> Starlette:
     )
 
 
+def check_configuration_before_serving() -> None:
+    """The configuration is read, and the models to serve found, in the `bentoml serve` process itself,
+    before any worker starts.
+
+    BentoML's arbiter respawns a worker whose __init__ raises, forever and never ready (measured: with a
+    missing VISIONSERVE_MODELS_DIR it logged the same traceback 270 lines a minute and did not exit), so a
+    server that cannot serve anything must fail here and exit, like a bad VISIONSERVE_WORKERS does.
+    """
+    folders_to_serve(ServingConfig.from_environ().models_dir)
+
+
+check_configuration_before_serving()
+
+
 @bentoml.service(
     name="visionserve",
     # BentoML fixes workers when the class is declared; the env var is read there, once.
     workers=workers_from_environment(),
     # The hard limit per request; the batcher's queue bound answers overload long before it.
     traffic={"timeout": 60},
+    # A bare `bentoml serve` binds every interface (0.0.0.0); this service listens on loopback unless told
+    # otherwise (--host or BENTOML_HOST, as the container image does: docs/SERVING.md).
+    http={"host": "127.0.0.1"},
     # One log line per request costs about as much CPU as a small model call: off unless asked for.
     logging={"access": {"enabled": access_log_from_environment()}},
 )
@@ -120,7 +160,7 @@ class VisionService:
         self.config = ServingConfig.from_environ()
         inference = self.config.inference
         configure_pillow_limits(self.config.limits.max_pixels_per_image)
-        folders = model_folders(self.config.models_dir)
+        folders = folders_to_serve(self.config.models_dir)
         providers = requested_providers(inference.provider)
         if providers[0] == "CUDAExecutionProvider":
             preload_cuda_libraries()
@@ -137,6 +177,15 @@ class VisionService:
                     "; ".join(f"{task.task} models {task.available} available, default {task.default_model_name()}, "
                               f"{sorted(set(task.models) - set(task.available))} unavailable" for task in self.tasks),
                     "on" if inference.batching else "off", inference.workers, inference.intra_op_threads)
+        logger.info("API key authentication %s", "on (VISIONSERVE_API_KEY)" if self.config.api_key_required
+                    else "off: set VISIONSERVE_API_KEY to require a key")
+        self._openapi: dict | None = None
+
+    def openapi_document(self) -> dict:
+        if self._openapi is None:
+            defaults = {task.task: task.default_model_name() for task in self.tasks}
+            self._openapi = build_openapi(self.config.limits, defaults, self.config.api_key_required)
+        return self._openapi
 
     def model_names(self) -> list[str]:
         return sorted(name for task in self.tasks for name in task.models)
@@ -156,3 +205,9 @@ class VisionService:
                                      for name, sizes in task.batch_sizes_seen().items()},
             },
         }
+
+
+# On the service, not the mounted app: the key guards BentoML's own routes (/, /docs.json, /metrics) too,
+# and paths our mounted app never sees still get our error shape. The first added is the outermost.
+VisionService.add_asgi_middleware(ApiKeyAuth)
+VisionService.add_asgi_middleware(ControlCharactersInPath)

@@ -63,7 +63,7 @@ async def classify_image_files(files: list[tuple[str, bytes]], params: ImagePara
 async def classify_multipart(request: Request) -> JSONResponse:
     files, fields = await read_multipart_upload(request, get_current_service().config.limits)
     # Parameters may come as form fields or in the query string; form fields win.
-    params = parse_params(ImageParams, {**request.query_params, **fields})
+    params = parse_params(ImageParams, request.query_params.multi_items(), fields)
     return JSONResponse(await classify_image_files(files, params))
 
 
@@ -79,7 +79,7 @@ async def classify_base64(request: Request) -> JSONResponse:
 
 async def classify_tensor(request: Request) -> JSONResponse:
     task = classifiers()
-    params = parse_params(ImageParams, request.query_params)
+    params = parse_params(ImageParams, request.query_params.multi_items())
     entry = task.resolve_model(params.model)
     pixels = load_npy_tensor(await request.body(), InputSpec.from_card(entry.card), get_current_service().config.limits)
     if params.invert == "true":  # tensors are model-ready; "auto" leaves them as sent

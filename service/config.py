@@ -44,6 +44,12 @@ def access_log_from_environment(environ: Mapping[str, str] = os.environ) -> bool
     return value == "on"
 
 
+def api_key_from_environment(environ: Mapping[str, str] = os.environ) -> str | None:
+    """VISIONSERVE_API_KEY: when set (and not empty), every route but the probes needs it (service/security.py)."""
+    key = environ.get(ENV_PREFIX + "API_KEY", "").strip()
+    return key or None
+
+
 @dataclass(frozen=True)
 class RequestLimits:
     """What one request may ask of the server. Each one has a test in tests/test_service_limits.py."""
@@ -128,6 +134,7 @@ class ServingConfig:
     models_dir: Path | None
     limits: RequestLimits
     inference: InferenceConfig
+    api_key_required: bool = False  # VISIONSERVE_API_KEY is set (the key itself stays in the middleware)
 
     @classmethod
     def from_environ(cls, environ: Mapping[str, str] = os.environ) -> "ServingConfig":
@@ -136,4 +143,5 @@ class ServingConfig:
             models_dir=Path(folder) if folder else None,
             limits=RequestLimits.from_environ(environ),
             inference=InferenceConfig.from_environ(environ),
+            api_key_required=api_key_from_environment(environ) is not None,
         )

@@ -45,25 +45,36 @@ def class_reference(value: object) -> int | str:
 ClassRef = Annotated[int | str, BeforeValidator(class_reference)]
 
 
+def integral_number(value: object) -> object:
+    """JSON Schema's integer, which the OpenAPI document promises: 3 and 3.0 alike (JSON libraries write
+    either). Never a bool or a string; a float only where it is exact (|x| <= 2^53), so no seed is rounded."""
+    if isinstance(value, float) and value.is_integer() and abs(value) <= 2**53:
+        return int(value)
+    return value
+
+
+JsonInt = Annotated[StrictInt, BeforeValidator(integral_number)]
+
+
 class GenerateParams(BaseModel):
     # Unknown fields are refused: a misspelt "clas" silently giving random classes would be worse.
     model_config = ConfigDict(extra="forbid", protected_namespaces=(), populate_by_name=True)
-    n: StrictInt = Field(16, ge=1, le=64, description="samples to generate (at most VISIONSERVE_MAX_SAMPLES)")
+    n: JsonInt = Field(16, ge=1, le=64, description="samples to generate (at most VISIONSERVE_MAX_SAMPLES)")
     class_: ClassRef | None = Field(None, alias="class",
                                     description="class name or index; omitted: a random class per sample")
-    seed: StrictInt | None = Field(None, ge=0, le=MAX_SEED, description="omitted: the server draws one")
+    seed: JsonInt | None = Field(None, ge=0, le=MAX_SEED, description="omitted: the server draws one")
     format: Literal["grid", "images"] = Field("grid", description="grid: one PNG; images: JSON of base64 PNGs")
-    scale: StrictInt = Field(1, ge=1, le=8, description="nearest-neighbour enlargement")
+    scale: JsonInt = Field(1, ge=1, le=8, description="nearest-neighbour enlargement")
     model: StrictStr | None = Field(None, description="model name; default: the best generator by its card")
 
 
 class InterpolateParams(BaseModel):
     model_config = ConfigDict(extra="forbid", protected_namespaces=(), populate_by_name=True)
-    from_seed: StrictInt = Field(..., ge=0, le=MAX_SEED)
-    to_seed: StrictInt = Field(..., ge=0, le=MAX_SEED)
+    from_seed: JsonInt = Field(..., ge=0, le=MAX_SEED)
+    to_seed: JsonInt = Field(..., ge=0, le=MAX_SEED)
     class_: ClassRef = Field(..., alias="class", description="class name or index")
-    steps: StrictInt = Field(8, ge=2, le=32, description="images in the strip, both ends included")
-    scale: StrictInt = Field(1, ge=1, le=8, description="nearest-neighbour enlargement")
+    steps: JsonInt = Field(8, ge=2, le=32, description="images in the strip, both ends included")
+    scale: JsonInt = Field(1, ge=1, le=8, description="nearest-neighbour enlargement")
     model: StrictStr | None = Field(None, description="model name; default: the best generator by its card")
 
 

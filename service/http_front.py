@@ -13,7 +13,7 @@ import base64
 import binascii
 import io
 import json
-from typing import Callable, Literal, Mapping
+from typing import Callable, Iterable, Literal
 
 import numpy as np
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
@@ -30,6 +30,7 @@ from .images import InputSpec, InvertMode, decode_image, fit_to_input_spec
 # Decoding a few small images costs less than a thread hop; big ones go to a thread so that one
 # large photo does not stall every other request on the event loop.
 INLINE_DECODE_BYTES = 256 * 1024
+NPY_MAGIC = b"\x93NUMPY"
 
 
 class RequestBodyLimit:
@@ -74,6 +75,27 @@ class RequestBodyLimit:
         await send({"type": "http.response.body", "body": body})
 
 
+class ControlCharactersInPath:
+    """ASGI middleware: 404 in our error shape for a path holding a control character (%0A, %00, ...).
+
+    No route of ours has one, and BentoML mounts our app with a pattern whose `.*` stops at a newline,
+    so without this such a path got BentoML's plain-text 404 instead of the API's JSON error.
+    """
+
+    def __init__(self, app: ASGIApp) -> None:
+        self.app = app
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] == "http" and any(ord(c) < 0x20 or ord(c) == 0x7F for c in scope["path"]):
+            body = json.dumps(error_body("not_found", "no endpoint at a path with control characters")).encode()
+            await send({"type": "http.response.start", "status": 404,
+                        "headers": [(b"content-type", b"application/json"),
+                                    (b"content-length", str(len(body)).encode())]})
+            await send({"type": "http.response.body", "body": body})
+            return
+        await self.app(scope, receive, send)
+
+
 def body_too_large(limit: int) -> ApiError:
     return ApiError(413, "body_too_large", f"request body is over the limit of {limit} bytes")
 
@@ -113,9 +135,37 @@ def validation_error(exc: ValidationError) -> ApiError:
     return ApiError(422, "invalid_parameter", f"{field}: {first.get('msg')}", field)
 
 
-def parse_params(model: type[BaseModel], values: Mapping[str, object]) -> BaseModel:
+def parse_params(model: type[BaseModel], *sources: Iterable[tuple[str, object]]) -> BaseModel:
+    """Parameters from (key, value) pairs: a query string's, then a form's, the later source winning.
+
+    Each source must be valid on its own (a bad query value is refused even where a form field overrides
+    it). A parameter given twice in one source is refused rather than silently taking one of the two
+    values (proxies and frameworks disagree on which one wins), and so is a file sent in a parameter's
+    field. Keys that are no parameter are ignored (cache busters, a client's extras).
+    """
+    merged: dict[str, object] = {}
+    given = 0
+    for source in sources:
+        values: dict[str, object] = {}
+        for key, value in source:
+            if key not in model.model_fields:
+                continue
+            if key in values:
+                raise ApiError(422, "invalid_parameter", f"{key}: given more than once; send it once", key)
+            if isinstance(value, UploadFile):
+                raise ApiError(422, "invalid_parameter", f"{key}: a text field, not a file", key)
+            values[key] = value
+        if values:
+            given += 1
+            if given > 1:
+                validated(model, merged)  # the earlier sources alone, before a later one overrides them
+            merged.update(values)
+    return validated(model, merged)
+
+
+def validated(model: type[BaseModel], values: dict[str, object]) -> BaseModel:
     try:
-        return model.model_validate(dict(values))
+        return model.model_validate(values)
     except ValidationError as exc:
         raise validation_error(exc) from None
 
@@ -142,8 +192,8 @@ def multipart_error(exc: Exception, limits: RequestLimits) -> ApiError:
 
 
 async def read_multipart_upload(request: Request, limits: RequestLimits,
-                                file_field: str = "images") -> tuple[list[tuple[str, bytes]], dict[str, str]]:
-    """The uploaded files of `file_field` in request order, and the other (string) form fields."""
+                                file_field: str = "images") -> tuple[list[tuple[str, bytes]], list[tuple[str, object]]]:
+    """The uploaded files of `file_field` in request order, and the other form fields as (key, value) pairs."""
     content_type = request.headers.get("content-type", "")
     if not content_type.startswith("multipart/form-data"):
         raise ApiError(415, "unsupported_media_type",
@@ -165,23 +215,25 @@ async def read_multipart_upload(request: Request, limits: RequestLimits,
                                f"'{file_field}' item {index} is a text field; upload the image file itself",
                                file_field)
             files.append((f"{file_field}[{index}]", await item.read()))
-        fields = {key: value for key, value in form.multi_items() if isinstance(value, str) and key != file_field}
+        fields = [(key, value) for key, value in form.multi_items() if key != file_field]
     finally:
         await form.close()
     check_image_count(len(files), limits, file_field)
     return files, fields
 
 
+def decode_base64_image(text: str, field: str) -> bytes:
+    """One base64 image file (a data: URL is accepted) -> its bytes; `field` names it in the error."""
+    if text.startswith("data:"):
+        text = text.partition(",")[2]  # data:image/png;base64,<payload>
+    try:
+        return base64.b64decode(text, validate=True)
+    except (binascii.Error, ValueError):
+        raise ApiError(400, "invalid_base64", f"{field} is not valid base64", field) from None
+
+
 def decode_base64_images(encoded: list[str], field: str = "images") -> list[tuple[str, bytes]]:
-    decoded = []
-    for index, text in enumerate(encoded):
-        if text.startswith("data:"):
-            text = text.partition(",")[2]  # data:image/png;base64,<payload>
-        try:
-            decoded.append((f"{field}[{index}]", base64.b64decode(text, validate=True)))
-        except (binascii.Error, ValueError):
-            raise ApiError(400, "invalid_base64", f"{field}[{index}] is not valid base64", f"{field}[{index}]") from None
-    return decoded
+    return [(f"{field}[{index}]", decode_base64_image(text, f"{field}[{index}]")) for index, text in enumerate(encoded)]
 
 
 def fit_all(files: list[tuple[str, bytes]], spec: InputSpec, invert: InvertMode,
@@ -208,12 +260,15 @@ async def fit_all_off_loop_if_large(files: list[tuple[str, bytes]], spec: InputS
 
 def load_npy_tensor(body: bytes, spec: InputSpec, limits: RequestLimits) -> np.ndarray:
     """An .npy body of uint8 [N, H, W] or [N, C, H, W] -> uint8 [N, C, H, W]; never unpickles."""
+    if body.startswith(b"PK"):  # np.load would open a zip as an .npz archive
+        raise ApiError(422, "invalid_tensor", "body must be a single .npy array, not an .npz archive", "body")
+    if not body.startswith(NPY_MAGIC):  # else numpy's message talks of pickles for any non-.npy bytes
+        raise ApiError(422, "invalid_tensor", "body is not a .npy file (it must start with the bytes \\x93NUMPY; "
+                       "write it with numpy.save)", "body")
     try:
         array = np.load(io.BytesIO(body), allow_pickle=False)
     except Exception as exc:  # numpy raises ValueError, EOFError, OSError... for non-.npy bytes
         raise ApiError(422, "invalid_tensor", f"body is not a .npy array: {exc}", "body") from None
-    if not isinstance(array, np.ndarray):  # an .npz archive loads as a mapping
-        raise ApiError(422, "invalid_tensor", "body must be a single .npy array, not an .npz archive", "body")
     if array.dtype != np.uint8:
         raise ApiError(422, "invalid_tensor", f"dtype must be uint8, got {array.dtype}", "body")
     expected = (spec.channels, spec.height, spec.width)

@@ -17,6 +17,12 @@ from .errors import ApiError
 
 InvertMode = Literal["auto", "true", "false"]
 
+# The raster formats a client may send. Pillow would otherwise try every plugin it has, among them EPS,
+# whose loader runs Ghostscript on the upload where it is installed (a long history of exploits), and
+# a dozen scientific and legacy formats nobody sends to this API. "JPEG" also opens camera MPO files (a JPEG
+# with a second, preview picture); naming "MPO" here would make Pillow fail with a KeyError.
+ACCEPTED_FORMATS = ("PNG", "JPEG", "BMP", "GIF", "WEBP", "TIFF", "PPM")
+
 
 @dataclass(frozen=True)
 class InputSpec:
@@ -61,12 +67,12 @@ def too_many_pixels(width: int, height: int, max_pixels: int, field: str) -> Api
 def decode_image(data: bytes, max_pixels: int, field: str) -> Image.Image:
     """Decode the first frame of any Pillow-readable image, refusing oversized ones before decoding."""
     try:
-        image = Image.open(io.BytesIO(data))
+        image = Image.open(io.BytesIO(data), formats=ACCEPTED_FORMATS)
     except (Image.DecompressionBombError, Image.DecompressionBombWarning):
         raise ApiError(413, "too_many_pixels", f"image exceeds the limit of {max_pixels} pixels", field) from None
     except UnidentifiedImageError:
         raise ApiError(415, "unsupported_image",
-                       "not an image Pillow can read (PNG, JPEG, BMP, GIF, WebP, TIFF, ...)", field) from None
+                       "not an image in an accepted format (PNG, JPEG, BMP, GIF, WebP, TIFF, PPM)", field) from None
     except Exception as exc:  # Pillow raises many types (SyntaxError, struct.error, ...) for corrupt headers
         raise ApiError(400, "corrupt_image", f"image could not be decoded: {exc}", field) from None
     # The header gives the size; refuse before any pixel is decompressed.
@@ -80,6 +86,25 @@ def decode_image(data: bytes, max_pixels: int, field: str) -> Image.Image:
     except Exception as exc:  # truncated data, bad compressed stream, ...
         raise ApiError(400, "corrupt_image", f"image could not be decoded: {exc}", field) from None
     return image
+
+
+def to_eight_bits(image: Image.Image) -> Image.Image:
+    """16-bit and float images -> 8-bit grey by their range, not by clipping.
+
+    Pillow's convert("L") clips "I;16", "I" and "F" pixels at 255, so a 16-bit scan (0..65535) comes out
+    almost white. 16-bit images are scaled by 255/65535; 32-bit integer images too when a value is above
+    255 (what 16-bit TIFFs and PNGs open as in some Pillow versions), else taken as 8-bit values; float
+    images whose values lie in 0..1 are scaled by 255, others clipped to 0..255.
+    """
+    if image.mode not in ("I", "F") and not image.mode.startswith("I;16"):
+        return image
+    values = np.asarray(image).astype(np.float64)
+    if image.mode.startswith("I;16") or (image.mode == "I" and values.max(initial=0) > 255):
+        values = values * (255 / 65535)
+    elif image.mode == "F" and values.size and np.nanmin(values) >= 0 and np.nanmax(values) <= 1:
+        values = values * 255
+    values = np.nan_to_num(values, nan=0.0, posinf=255.0, neginf=0.0)
+    return Image.fromarray(np.clip(np.rint(values), 0, 255).astype(np.uint8), mode="L")
 
 
 def composite_on_white(image: Image.Image) -> Image.Image:
@@ -109,6 +134,7 @@ def to_model_mode(image: Image.Image, channels: int, light_on_dark: bool,
     """EXIF orientation, alpha over white, the model's colour mode and polarity; returns the image and
     whether it was inverted. Size is left alone (classifiers resize next, segmenters pad)."""
     image = ImageOps.exif_transpose(image)
+    image = to_eight_bits(image)
     image = composite_on_white(image)
     image = image.convert("L" if channels == 1 else "RGB")
     if invert == "auto":

@@ -70,6 +70,20 @@ def model_folders(models_dir: Path | None) -> list[Path]:
     return sorted(card.parent for card in models_dir.glob("*/card.json"))
 
 
+def folders_to_serve(models_dir: Path | None) -> list[Path]:
+    """`model_folders`, or a RuntimeError saying what to run when there is nothing to serve."""
+    if models_dir is not None and not models_dir.is_dir():
+        raise RuntimeError(f"VISIONSERVE_MODELS_DIR={models_dir} is not a folder: point it at a folder of exported "
+                           "models (<name>/model.onnx + card.json), or unset it to serve BentoML's model store "
+                           "(`python -m service.model_store import models`, as make serve does)")
+    folders = model_folders(models_dir)
+    if not folders:
+        where = models_dir or "BentoML's model store"
+        raise RuntimeError(f"no models in {where}: import them with `python -m service.model_store import models` "
+                           "(make serve does), or point VISIONSERVE_MODELS_DIR at a folder of exported models")
+    return folders
+
+
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     commands = p.add_subparsers(dest="command", required=True)

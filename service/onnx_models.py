@@ -172,7 +172,9 @@ def load_verified_model(entry: ModelEntry, intra_op_threads: int, providers: lis
             session.run([entry.output_name], warmup_feeds(entry.card, batch_size))
         check_graph_against_card(session, entry.card)
     except Exception as exc:  # a broken graph or card must not take the other models down
-        entry.unavailable_reason = f"could not load it: {exc}"
+        # GET /models shows the reason to clients: onnxruntime's messages name the file, so the folder is
+        # left out there (the log keeps the whole message).
+        entry.unavailable_reason = "could not load it: " + str(exc).replace(str(entry.folder), entry.name)
         logger.error("model %s refused: %s", entry.name, exc)
         return
     entry.session = session

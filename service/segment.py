@@ -24,7 +24,7 @@ from .errors import ApiError
 from .http_front import (
     INLINE_DECODE_BYTES,
     ModelParams,
-    decode_base64_images,
+    decode_base64_image,
     parse_params,
     read_multipart_upload,
     validation_error,
@@ -119,7 +119,11 @@ async def segment(request: Request) -> Response:
             parsed = SegmentJsonRequest.model_validate_json(await request.body())
         except ValidationError as exc:
             raise validation_error(exc) from None
-        ((_, data),) = decode_base64_images([parsed.image], field="image")
+        if request.query_params:  # query parameters apply to JSON bodies too; the body's fields win
+            query = parse_params(SegmentParams, request.query_params.multi_items())
+            parsed = parsed.model_copy(update={name: getattr(query, name)
+                                               for name in query.model_fields_set - parsed.model_fields_set})
+        data = decode_base64_image(parsed.image, "image")
         return await segment_image(data, parsed)
     if not content_type.startswith("multipart/form-data"):
         raise ApiError(415, "unsupported_media_type",
@@ -128,7 +132,7 @@ async def segment(request: Request) -> Response:
     files, fields = await read_multipart_upload(request, get_current_service().config.limits, file_field="image")
     if len(files) != 1:
         raise ApiError(422, "one_image_only", f"send exactly one file in 'image' (got {len(files)})", "image")
-    params = parse_params(SegmentParams, {**request.query_params, **fields})
+    params = parse_params(SegmentParams, request.query_params.multi_items(), fields)
     return await segment_image(files[0][1], params)
 
 

@@ -48,13 +48,16 @@ class RunningServer:
         return self.log_path.read_text(errors="replace")
 
 
-def start_server(log_path: Path, extra_env: dict[str, str], timeout_s: float = 120) -> RunningServer:
+def start_server(log_path: Path, extra_env: dict[str, str], timeout_s: float = 120,
+                 host: str | None = "127.0.0.1") -> RunningServer:
+    """`bentoml serve` on a free port; `host=None` leaves the address to the service's own default."""
     port = free_port()
     env = {**os.environ, **extra_env, "BENTOML_DO_NOT_TRACK": "True"}
+    env.pop("BENTOML_HOST", None)
     log_file = open(log_path, "wb")
     process = subprocess.Popen(
         [str(Path(sys.executable).parent / "bentoml"), "serve", "service.app:VisionService",
-         "--host", "127.0.0.1", "--port", str(port)],
+         *(["--host", host] if host else []), "--port", str(port)],
         cwd=REPO, env=env, stdout=log_file, stderr=subprocess.STDOUT, start_new_session=True,
     )
     server = RunningServer(f"http://127.0.0.1:{port}", process, log_path, env=extra_env)
@@ -185,3 +188,47 @@ def generator_models(tmp_path_factory) -> Path:
     assert export.returncode == 0, export.stderr
     shutil.copytree(MODELS_DIR / classifier, models / classifier)
     return models
+
+
+def model_tasks(models_dir: Path) -> set[str]:
+    return {json.loads(card.read_text()).get("task") for card in models_dir.glob("*/card.json")}
+
+
+@pytest.fixture(scope="session")
+def every_task_models(tmp_path_factory, generator_models) -> Path:
+    """Every released model, plus a tiny dry-run SegNet and DCGAN where none is released, in one models folder."""
+    work = tmp_path_factory.mktemp("every-task-models")
+    models = work / "models"
+    for card_path in sorted(MODELS_DIR.glob("*/card.json")):
+        shutil.copytree(card_path.parent, models / card_path.parent.name)
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "OMP_WAIT_POLICY": "PASSIVE"}
+    if "segmentation" not in model_tasks(models):
+        train = subprocess.run([sys.executable, "-m", "training.train_segnet", "--canvas", "32", "32", "--widths", "8",
+                                "16", "--batch-size", "8", "--epochs", "1", "--dry-run",
+                                "--train-scenes-per-epoch", "16", "--val-scenes", "8", "--no-progress", "--seed", "1",
+                                "--out", str(work / "runs")],
+                               cwd=REPO, capture_output=True, text=True, timeout=300, env=env)
+        assert train.returncode == 0, train.stderr
+        (run,) = (work / "runs" / "segnet").iterdir()
+        export = subprocess.run([sys.executable, "-m", "export.segmenter", "--run", str(run), "--name", "segnet",
+                                 "--out", str(models), "--parity-scenes", "8", "--parity-size", "32", "48"],
+                                cwd=REPO, capture_output=True, text=True, timeout=300, env=env)
+        assert export.returncode == 0, export.stderr
+    if "generation" not in model_tasks(models):
+        shutil.copytree(generator_models / "dcgan", models / "dcgan")
+    return models
+
+
+# Small limits so that each can be crossed cheaply, on the server that holds a model of every task.
+EVERY_TASK_LIMITS = {**TEST_SERVER_LIMITS, "VISIONSERVE_MAX_SEGMENT_PIXELS": str(128 * 128),
+                     "VISIONSERVE_MAX_SAMPLES": "32", "OMP_NUM_THREADS": "1", "OMP_WAIT_POLICY": "PASSIVE"}
+
+
+@pytest.fixture(scope="session")
+def every_task_server(tmp_path_factory, every_task_models) -> RunningServer:
+    """One server with a classifier, a segmenter and a generator (the bad-input corpus, the fuzzer and the
+    security tests share it), with small limits."""
+    running = start_server(tmp_path_factory.mktemp("every-task-server") / "server.log",
+                           {**EVERY_TASK_LIMITS, "VISIONSERVE_MODELS_DIR": str(every_task_models)})
+    yield running
+    stop_server(running)

@@ -1,8 +1,8 @@
 """The load-test driver (`make loadtest`, loadtests/run.py) end to end: real servers, real Locust, no mocks.
 
 Runs in about 90 s: a tiny SegNet and a tiny DCGAN stand in for a segmenter and a generator where models/
-holds none, so the smoke run always covers every endpoint. The other tests share one classifier-only server
-started here.
+holds none (conftest's every_task_models), so the smoke run always covers every endpoint. The other tests
+share one classifier-only server started here.
 """
 
 from __future__ import annotations
@@ -17,7 +17,7 @@ from pathlib import Path
 
 import pytest
 
-from conftest import MODELS_DIR, REPO, free_port, start_server, stop_server
+from conftest import MODELS_DIR, REPO, free_port, model_tasks, start_server, stop_server
 
 pytestmark = pytest.mark.server
 
@@ -40,10 +40,6 @@ def released_models(task: str | None = None) -> list[Path]:
     return folders
 
 
-def model_tasks(models_dir: Path) -> set[str]:
-    return {json.loads(card.read_text()).get("task") for card in models_dir.glob("*/card.json")}
-
-
 def run_quietly(command: list[str], env: dict[str, str] | None = None, timeout: float = 300,
                 cwd: Path = REPO) -> subprocess.CompletedProcess:
     return subprocess.run(command, cwd=cwd, capture_output=True, text=True, timeout=timeout,
@@ -57,27 +53,6 @@ def run_driver(*args: str, env: dict[str, str] | None = None) -> subprocess.Comp
 def only_report(out: Path) -> Path:
     (report,) = out.iterdir()
     return report
-
-
-@pytest.fixture(scope="module")
-def every_task_models(tmp_path_factory, generator_models) -> Path:
-    """Every released model, plus a tiny dry-run SegNet and DCGAN where none is released, in one models folder."""
-    work = tmp_path_factory.mktemp("loadtest-models")
-    models = work / "models"
-    for folder in released_models():
-        shutil.copytree(folder, models / folder.name)
-    if "segmentation" not in model_tasks(models):
-        train = run_quietly([sys.executable, "-m", "training.train_segnet", "--canvas", "32", "32", "--widths", "8",
-                             "16", "--batch-size", "8", "--epochs", "1", "--dry-run", "--train-scenes-per-epoch", "16",
-                             "--val-scenes", "8", "--no-progress", "--seed", "1", "--out", str(work / "runs")])
-        assert train.returncode == 0, train.stderr
-        (run,) = (work / "runs" / "segnet").iterdir()
-        export = run_quietly([sys.executable, "-m", "export.segmenter", "--run", str(run), "--name", "segnet",
-                              "--out", str(models), "--parity-scenes", "8", "--parity-size", "32", "48"])
-        assert export.returncode == 0, export.stderr
-    if "generation" not in model_tasks(models):
-        shutil.copytree(generator_models / "dcgan", models / "dcgan")
-    return models
 
 
 @pytest.fixture(scope="module")

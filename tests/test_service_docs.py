@@ -80,7 +80,9 @@ def test_bentoml_build_packs_service_and_models(tmp_path):
                            timeout=300)
     assert build.returncode == 0, build.stderr + build.stdout
     (bento,) = [p for p in (tmp_path / "bentoml" / "bentos" / "visionserve").iterdir() if p.is_dir()]
-    assert (bento / "env" / "docker" / "Dockerfile").is_file()
+    dockerfile = (bento / "env" / "docker" / "Dockerfile").read_text()
+    # The image listens on its own interfaces (the service alone defaults to loopback, unreachable there).
+    assert "ARG BENTOML_HOST=0.0.0.0" in dockerfile and "ARG VISIONSERVE_WORKERS=1" in dockerfile
     assert (bento / "src" / "service" / "classify.py").is_file()
     packed = {entry["tag"] for entry in yaml.safe_load((bento / "bento.yaml").read_text())["models"]}
     released = {f"{name}:{card['sha256'][:16]}" for name, card in classification_cards().items()}

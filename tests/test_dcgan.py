@@ -137,6 +137,7 @@ def test_exported_generator_contract(generator_models):
     assert card["task"] == "generation" and card["parity"]["max_abs_grey_level_diff"] <= 1
     metrics = card["metrics"]
     assert 0 <= metrics["class_consistency"] <= 1 and metrics["feature_fid_floor"] > 0
+    assert metrics["reference_mirrored_train_fid"] > 0
     assert metrics["fid_to_floor_ratio"] == pytest.approx(metrics["feature_fid"] / metrics["feature_fid_floor"])
     assert (folder / "samples.png").stat().st_size > 0
 

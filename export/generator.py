@@ -138,7 +138,8 @@ def main(args: argparse.Namespace) -> dict:
     card = build_card(args.name, graph, record, run_metrics, metrics, parity, opset_of(model_bytes), run_dir)
     print(f"{args.name}: parity max {parity['max_abs_grey_level_diff']} grey level(s); class consistency "
           f"{scores['class_consistency']:.2%}; feature FID {scores['feature_fid']:.3f} vs floor "
-          f"{scores['feature_fid_floor']:.3f} ({scores['fid_to_floor_ratio']:.2f}x); "
+          f"{scores['feature_fid_floor']:.4f} ({scores['fid_to_floor_ratio']:.2f}x; mirrored real images "
+          f"{scores['reference_mirrored_train_fid']:.4f}, {scores['reference_mirrored_train_ratio']:.2f}x); "
           f"{len(model_bytes) / 1e6:.2f} MB", flush=True)
     if args.dry_run:
         return card | {"sha256": sha256_bytes(model_bytes)}

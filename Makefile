@@ -7,7 +7,7 @@ PORT   ?= 3000
 FMNIST := /usr/share/datasets/fashion-mnist
 INSTALLED := $(VENV)/.installed
 
-.PHONY: help install data test serve bento evaluate bench-serve loadtest fuzz models-present clean
+.PHONY: help install data test serve bento evaluate bench-serve performance loadtest fuzz models-present clean
 .DEFAULT_GOAL := help
 
 help:
@@ -16,6 +16,7 @@ help:
 	@echo "make bento      import models/ into BentoML's store and build the bento"
 	@echo "make evaluate   evaluate the released models with onnxruntime on the full test split"
 	@echo "make bench-serve  raw onnxruntime vs served throughput and latency"
+	@echo "make performance  bench-serve, then Locust per endpoint at 4-96 users: docs/PERFORMANCE.md (~15 min)"
 	@echo "make loadtest   Locust load test against objectives (serves first if nothing answers); reports/loadtest/"
 	@echo "                USERS=$(USERS) SPAWN_RATE=$(SPAWN_RATE) DURATION=$(DURATION) SCENARIO=$(SCENARIO) (all classify segment"
 	@echo "                generate smoke available) HOST=$(LOADTEST_URL) WORKERS=$(WORKERS) (N: Locust master + N workers)"
@@ -77,6 +78,11 @@ bento: install models-present
 # Raw onnxruntime vs served, one run; writes benchmarks/results/serve.{json,md}.
 bench-serve: install data models-present
 	$(BIN)/python benchmarks/bench_serve.py --out benchmarks/results
+
+# docs/PERFORMANCE.md and benchmarks/results/performance.json (benchmarks/performance.py): bench-serve, then per
+# endpoint p50/p99 at 8/32/64 Locust users and the capacity within loadtests/slo.yaml. Installs nothing.
+performance:
+	$(BIN)/python benchmarks/performance.py
 
 # Load test (loadtests/run.py): uses the service answering at HOST, or starts one there and stops it after;
 # Locust headless for DURATION; reports in reports/loadtest/<UTC stamp>/; exits non-zero naming each objective

@@ -23,6 +23,7 @@ import torch
 import torch.nn.functional as F
 from tqdm import tqdm
 
+from training import cli
 from training.data import Dataset, channel_stats, load_dataset, normalise, sha256_file, train_val_split
 from training.models import build_classifier, count_parameters
 from training.plots import confusion_matrix, plot_confusion, plot_curves
@@ -120,27 +121,13 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     return p.parse_args(argv)
 
 
+def resolve_config(args: argparse.Namespace) -> dict:
+    return cli.resolve_config(args, DEFAULTS, PRESETS)
+
+
 def command_for(config: dict) -> str:
     """The shortest command line that reproduces `config`: its preset plus every setting that differs."""
-    base = dict(DEFAULTS) | PRESETS.get(config.get("preset") or "", {})
-    words = ["python -m training.train"] + ([f"--preset {config['preset']}"] if config.get("preset") else [])
-    for key, value in config.items():
-        if key in DEFAULTS and key != "seed" and value != base[key] and value is not None:
-            if value is True:  # a flag
-                words.append(f"--{key.replace('_', '-')}")
-                continue
-            shown = " ".join(str(v) for v in value) if isinstance(value, list) else value
-            words.append(f"--{key.replace('_', '-')} {shown}")
-    return " ".join(words + [f"--seed {config['seed']}"])
-
-
-def resolve_config(args: argparse.Namespace) -> dict:
-    config = dict(DEFAULTS)
-    if args.preset:
-        config.update(PRESETS[args.preset])
-    config.update({k: v for k, v in vars(args).items() if k in DEFAULTS and v is not None})
-    config["preset"] = args.preset
-    return config
+    return cli.command_for(config, DEFAULTS, PRESETS, "training.train")
 
 
 def cpu_has_bf16() -> bool:

@@ -24,6 +24,7 @@ import torch
 import torch.nn.functional as F
 from tqdm import tqdm
 
+from training import cli
 from training.data import load_dataset
 from training.models import count_parameters
 from training.models.dcgan import DCGANConfig, Discriminator, Generator, initialise_dcgan
@@ -74,22 +75,12 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
 
 
 def resolve_config(args: argparse.Namespace) -> dict:
-    config = dict(DEFAULTS)
-    if args.preset:
-        config.update(PRESETS[args.preset])
-    config.update({k: v for k, v in vars(args).items() if k in DEFAULTS and v is not None})
-    config["preset"] = args.preset
-    return config
+    return cli.resolve_config(args, DEFAULTS, PRESETS)
 
 
 def command_for(config: dict) -> str:
     """The shortest command line that reproduces `config`: its preset plus every setting that differs."""
-    base = dict(DEFAULTS) | PRESETS.get(config.get("preset") or "", {})
-    words = ["python -m training.train_dcgan"] + ([f"--preset {config['preset']}"] if config.get("preset") else [])
-    for key, value in config.items():
-        if key in DEFAULTS and key != "seed" and value != base[key] and value is not None:
-            words.append(f"--{key.replace('_', '-')} {value}")
-    return " ".join(words + [f"--seed {config['seed']}"])
+    return cli.command_for(config, DEFAULTS, PRESETS, "training.train_dcgan")
 
 
 def model_config(config: dict, num_classes: int, channels: int) -> DCGANConfig:

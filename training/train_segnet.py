@@ -29,6 +29,7 @@ import torch
 import torch.nn.functional as F
 from tqdm import tqdm
 
+from training import cli
 from training.data import channel_stats, load_dataset, normalise, train_val_split
 from training.models import build_segmenter, count_parameters
 from training.plots import plot_class_iou, plot_scenes, plot_segmentation_curves
@@ -91,23 +92,12 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
 
 
 def resolve_config(args: argparse.Namespace) -> dict:
-    config = dict(DEFAULTS)
-    if args.preset:
-        config.update(PRESETS[args.preset])
-    config.update({k: v for k, v in vars(args).items() if k in DEFAULTS and v is not None})
-    config["preset"] = args.preset
-    return config
+    return cli.resolve_config(args, DEFAULTS, PRESETS)
 
 
 def command_for(config: dict) -> str:
     """The shortest command line that reproduces `config`: its preset plus every setting that differs."""
-    base = dict(DEFAULTS) | PRESETS.get(config.get("preset") or "", {})
-    words = ["python -m training.train_segnet"] + ([f"--preset {config['preset']}"] if config.get("preset") else [])
-    for key, value in config.items():
-        if key in DEFAULTS and key != "seed" and value != base[key] and value is not None:
-            shown = " ".join(str(v) for v in value) if isinstance(value, list) else value
-            words.append(f"--{key.replace('_', '-')} {shown}")
-    return " ".join(words + [f"--seed {config['seed']}"])
+    return cli.command_for(config, DEFAULTS, PRESETS, "training.train_segnet")
 
 
 # --- metrics ----------------------------------------------------------------------------------------

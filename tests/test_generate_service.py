@@ -212,3 +212,22 @@ def test_a_server_without_a_generator_answers_503(tampered_server):
     """A server over a folder of classifiers only: /generate says no generator is loaded."""
     response = httpx.post(tampered_server.url + "/generate", json={"n": 1}, timeout=10)
     assert response.status_code == 503 and response.json()["error"]["code"] == "model_unavailable"
+
+
+def test_queued_samples_over_the_bound_get_503_with_retry_after(tmp_path, generator_models):
+    """VISIONSERVE_GENERATE_MAX_QUEUED_SAMPLES: a burst beyond the bound is shed, not queued without end."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    running = start_server(tmp_path / "server.log", {"VISIONSERVE_MODELS_DIR": str(generator_models),
+                                                     "VISIONSERVE_GENERATE_MAX_QUEUED_SAMPLES": "64"})
+    try:
+        with ThreadPoolExecutor(16) as pool:
+            answers = list(pool.map(lambda seed: post(running, "/generate", {"n": 64, "seed": seed}), range(32)))
+        statuses = {a.status_code for a in answers}
+        assert statuses <= {200, 503} and 200 in statuses and 503 in statuses, statuses
+        for answer in answers:
+            if answer.status_code == 503:
+                assert answer.json()["error"]["code"] == "overloaded" and answer.headers["retry-after"] == "1"
+        assert post(running, "/generate", {"n": 4, "seed": 1}).status_code == 200  # serving again at once
+    finally:
+        stop_server(running)

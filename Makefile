@@ -7,7 +7,8 @@ PORT   ?= 3000
 FMNIST := /usr/share/datasets/fashion-mnist
 INSTALLED := $(VENV)/.installed
 
-.PHONY: help install data test serve bento evaluate bench-serve performance loadtest fuzz models-present clean
+.PHONY: help install data test serve bento evaluate bench-serve performance loadtest fuzz models-present clean \
+	overload soak faults
 .DEFAULT_GOAL := help
 
 help:
@@ -23,6 +24,10 @@ help:
 	@echo "                SLO=$(SLO); for remote workers: LOCAL_WORKERS=0 MASTER_BIND=0.0.0.0 MASTER_PORT=5557"
 	@echo "make fuzz       schemathesis against GET /openapi.json (serves first if nothing answers); reports/fuzz/"
 	@echo "                FUZZ_CASES=$(FUZZ_CASES) FUZZ_SEED=(random) HOST=$(LOADTEST_URL)"
+	@echo "make overload   /classify at 3x CAPACITY=$(CAPACITY) req/s for SECONDS=$(SECONDS): shedding, p99, recovery; reports/overload/"
+	@echo "make soak       /classify at 70% of CAPACITY for SOAK_SECONDS=$(SOAK_SECONDS): 0 errors, RSS growth <= 5%; reports/soak/"
+	@echo "make faults     kill -9 of a worker under load: time to answer again, failures; reports/faults/"
+	@echo "                PAUSE_PIDS=\"1234 5678\" SIGSTOPs those processes (e.g. a training) while measuring"
 
 # Re-installs whenever pyproject.toml changes. torch is pinned to the CPU build on this machine's disk.
 $(INSTALLED): pyproject.toml
@@ -110,6 +115,22 @@ FUZZ_SEED  ?=
 fuzz: install
 	$(BIN)/python -m loadtests.fuzz --cases $(FUZZ_CASES) --host $(LOADTEST_URL) --out reports/fuzz \
 		$(if $(FUZZ_SEED),--seed $(FUZZ_SEED))
+
+# Hardening runs (docs/SERVING.md, "Overload and faults"): each starts its own server on a free port.
+CAPACITY     ?= 420
+SECONDS      ?= 60
+SOAK_SECONDS ?= 600
+PAUSE_PIDS   ?=
+PAUSE        = $(if $(strip $(PAUSE_PIDS)),--pause-pids $(PAUSE_PIDS))
+
+overload: install data models-present
+	$(BIN)/python benchmarks/overload.py --capacity $(CAPACITY) --seconds $(SECONDS) $(PAUSE)
+
+soak: install data models-present
+	$(BIN)/python benchmarks/soak.py --capacity $(CAPACITY) --seconds $(SOAK_SECONDS) $(PAUSE)
+
+faults: install data models-present
+	$(BIN)/python benchmarks/faults.py $(PAUSE)
 
 clean:
 	rm -rf $(VENV) .pytest_cache

@@ -1,0 +1,66 @@
+"""Overload in small: a server with a tiny queue bound under a burst of concurrent requests sheds cleanly.
+
+`make overload` (benchmarks/overload.py) measures the same at 3x capacity for a minute; this is its CI check:
+every answer is a 200 or a 503 with Retry-After in our error shape, the server stays ready, and it answers
+normally right after the burst.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import io
+
+import httpx
+import numpy as np
+import pytest
+from PIL import Image
+
+from tests.conftest import MODELS_DIR, start_server, stop_server
+
+pytestmark = pytest.mark.server
+
+IMAGES_PER_REQUEST = 8
+BURST = 64  # concurrent requests: far more images than the queue bound below admits
+
+
+def png(seed: int) -> bytes:
+    buffer = io.BytesIO()
+    Image.fromarray(np.random.default_rng(seed).integers(0, 256, (28, 28), dtype=np.uint8)).save(buffer, "PNG")
+    return buffer.getvalue()
+
+
+@pytest.fixture(scope="module")
+def small_queue_server(tmp_path_factory):
+    # One request's images fit the bound, a second one queued behind it does not.
+    running = start_server(tmp_path_factory.mktemp("overload") / "server.log",
+                           {"VISIONSERVE_MODELS_DIR": str(MODELS_DIR),
+                            "VISIONSERVE_MAX_QUEUED_IMAGES": str(IMAGES_PER_REQUEST)})
+    yield running
+    stop_server(running)
+
+
+async def burst(url: str, files: list) -> list[httpx.Response]:
+    limits = httpx.Limits(max_connections=BURST, max_keepalive_connections=BURST)
+    async with httpx.AsyncClient(base_url=url, timeout=60, limits=limits) as client:
+        return await asyncio.gather(*(client.post("/classify", files=files) for _ in range(BURST)))
+
+
+def test_burst_gives_only_200_or_503_with_retry_after_and_the_server_recovers(small_queue_server):
+    url = small_queue_server.url
+    files = [("images", (f"{i}.png", png(i), "image/png")) for i in range(IMAGES_PER_REQUEST)]
+    responses = asyncio.run(burst(url, files))
+
+    statuses = [r.status_code for r in responses]
+    assert set(statuses) <= {200, 503}, statuses
+    assert 200 in statuses and 503 in statuses, f"expected some requests served and some shed: {statuses}"
+    for response in responses:
+        if response.status_code == 503:
+            assert int(response.headers["Retry-After"]) >= 1
+            assert response.json()["error"]["code"] == "overloaded"
+        else:
+            assert len(response.json()["predictions"]) == IMAGES_PER_REQUEST
+
+    assert small_queue_server.process.poll() is None
+    assert httpx.get(url + "/readyz", timeout=5).status_code == 200
+    after = [httpx.post(url + "/classify", files=files, timeout=10) for _ in range(3)]
+    assert [r.status_code for r in after] == [200, 200, 200]

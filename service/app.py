@@ -28,7 +28,7 @@ from starlette.routing import Route
 from . import classify, generate, segment
 from .config import ServingConfig, access_log_from_environment, workers_from_environment
 from .errors import EXCEPTION_HANDLERS, ApiError
-from .http_front import ControlCharactersInPath, RequestBodyLimit
+from .http_front import AdmissionLimit, ControlCharactersInPath, RequestBodyLimit
 from .images import configure_pillow_limits
 from .model_store import folders_to_serve
 from .onnx_models import preload_cuda_libraries, requested_providers
@@ -119,7 +119,10 @@ def build_front() -> Starlette:
             Route("/generate/{rest:path}", unknown_path, methods=any_method),
             Route("/models/{name}/{rest:path}", unknown_path, methods=any_method),
         ],
-        middleware=[Middleware(RequestBodyLimit,
+        middleware=[Middleware(AdmissionLimit,
+                               max_in_flight=lambda: current_service().config.inference.max_in_flight_requests,
+                               retry_after=lambda: current_service().config.inference.retry_after_seconds),
+                    Middleware(RequestBodyLimit,
                                max_body_bytes=lambda: current_service().config.limits.max_body_bytes)],
         exception_handlers=EXCEPTION_HANDLERS,
         lifespan=tune_gc_after_startup,

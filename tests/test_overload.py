@@ -64,3 +64,29 @@ def test_burst_gives_only_200_or_503_with_retry_after_and_the_server_recovers(sm
     assert httpx.get(url + "/readyz", timeout=5).status_code == 200
     after = [httpx.post(url + "/classify", files=files, timeout=10) for _ in range(3)]
     assert [r.status_code for r in after] == [200, 200, 200]
+
+
+@pytest.fixture(scope="module")
+def small_admission_server(tmp_path_factory):
+    running = start_server(tmp_path_factory.mktemp("admission") / "server.log",
+                           {"VISIONSERVE_MODELS_DIR": str(MODELS_DIR), "VISIONSERVE_MAX_IN_FLIGHT": "4"})
+    yield running
+    stop_server(running)
+
+
+def test_requests_over_the_in_flight_limit_are_refused_at_the_door(small_admission_server):
+    """VISIONSERVE_MAX_IN_FLIGHT: beyond it a request gets 503 + Retry-After at once, its body unread."""
+    url = small_admission_server.url
+    files = [("images", (f"{i}.png", png(i), "image/png")) for i in range(IMAGES_PER_REQUEST)]
+    responses = asyncio.run(burst(url, files))
+    statuses = [r.status_code for r in responses]
+    assert set(statuses) <= {200, 503} and 200 in statuses and 503 in statuses, statuses
+    for response in responses:
+        if response.status_code == 503:
+            assert response.headers["Retry-After"] == "1"
+            assert response.json()["error"]["code"] == "overloaded"
+            assert "requests in progress" in response.json()["error"]["message"]
+        else:
+            assert len(response.json()["predictions"]) == IMAGES_PER_REQUEST
+    assert httpx.get(url + "/readyz", timeout=10).status_code == 200
+    assert httpx.post(url + "/classify", files=files, timeout=30).status_code == 200

@@ -90,12 +90,13 @@ def score_generator(generator: ort.InferenceSession, judge_session: ort.Inferenc
     _, test_features = judge(judge_session, test_images)
     floor_size = min(len(train_images), len(test_images))
     subset = np.random.default_rng(FLOOR_SUBSET_SEED).choice(len(train_images), floor_size, replace=False)
-    _, train_features = judge(judge_session, train_images[np.sort(subset)])
+    real = train_images[np.sort(subset)]
+    _, train_features = judge(judge_session, real)
     fid = frechet_distance(generated_features, test_features)
     floor = frechet_distance(train_features, test_features)
     # A reference for the floor's scale: the same training images mirrored, real garments the judge was
     # trained on (mirrors included); no generator can be expected to beat it.
-    _, mirrored_features = judge(judge_session, np.ascontiguousarray(train_images[np.sort(subset)][..., ::-1]))
+    _, mirrored_features = judge(judge_session, np.ascontiguousarray(real[..., ::-1]))
     mirrored = frechet_distance(mirrored_features, test_features)
     return {
         "samples": int(len(labels)),
@@ -116,15 +117,23 @@ def gates(scores: dict) -> dict:
             "fid_to_floor_ratio": scores["fid_to_floor_ratio"] <= FID_RATIO_GATE}
 
 
+def judge_generator(generator: ort.InferenceSession, judge_dir: Path, dataset: str, data_dir: str | None, z_dim: int,
+                    label_names: list[str], per_class: int = SAMPLES_PER_CLASS) -> tuple[dict, dict]:
+    """score_generator with the judge in judge_dir (checksum verified) and the dataset's real images;
+    returns the scores and the judge's card. The exporter and this evaluator both go through here."""
+    judge_session, judge_card = verified_session(judge_dir)
+    test = load_dataset(dataset, "test", data_dir)
+    train = load_dataset(dataset, "train", data_dir)
+    scores = score_generator(generator, judge_session, z_dim, label_names, test.images.numpy(), train.images.numpy(),
+                             per_class)
+    return scores, judge_card
+
+
 def evaluate_generator(model_dir: Path, judge_dir: Path, data_dir: str | None = None,
                        per_class: int = SAMPLES_PER_CLASS) -> dict:
     generator, card = verified_session(model_dir)
-    judge_session, judge_card = verified_session(judge_dir)
-    dataset = card["training"]["config"]["dataset"]
-    test = load_dataset(dataset, "test", data_dir)
-    train = load_dataset(dataset, "train", data_dir)
-    scores = score_generator(generator, judge_session, card["inputs"][0]["shape"][1], card["labels"],
-                             test.images.numpy(), train.images.numpy(), per_class)
+    scores, judge_card = judge_generator(generator, judge_dir, card["training"]["config"]["dataset"], data_dir,
+                                         card["inputs"][0]["shape"][1], card["labels"], per_class)
     return {"name": card["name"], "version": card.get("version"), "sha256": card["sha256"],
             "judge": {"name": judge_card["name"], "version": judge_card.get("version"), "sha256": judge_card["sha256"]},
             **scores, "gates": gates(scores)}

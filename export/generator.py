@@ -20,10 +20,9 @@ import torch
 from torch import nn
 
 from export.evaluate_generator import (CONSISTENCY_GATE, FID_RATIO_GATE, SAMPLES_PER_CLASS, evaluation_inputs,
-                                       gates, generate, score_generator, verified_session)
+                                       gates, generate, judge_generator)
 from export.onnx_io import (ParityError, cpu_session, export_to_bytes, opset_of, run_batched, runtime_versions,
                             sha256_bytes, write_model)
-from training.data import load_dataset
 from training.models import count_parameters
 from training.models.dcgan import DCGANConfig, Generator
 from training.plots import plot_gan_curves, save_image_grid
@@ -127,11 +126,8 @@ def main(args: argparse.Namespace) -> dict:
     parity = check_parity(graph, session, args.parity_samples)
 
     config = record["config"]
-    judge_session, judge_card = verified_session(Path(args.judge))
-    test = load_dataset(config["dataset"], "test", config["data_dir"])
-    train = load_dataset(config["dataset"], "train", config["data_dir"])
-    scores = score_generator(session, judge_session, cfg.z_dim, record["label_names"], test.images.numpy(),
-                             train.images.numpy(), args.per_class)
+    scores, judge_card = judge_generator(session, Path(args.judge), config["dataset"], config["data_dir"], cfg.z_dim,
+                                         record["label_names"], args.per_class)
     metrics = {**scores, "judge": {"name": judge_card["name"], "version": judge_card.get("version"),
                                    "sha256": judge_card["sha256"], "test_accuracy": judge_card["metrics"]["accuracy"]},
                "passes_gates": all(gates(scores).values())}

@@ -1,6 +1,7 @@
 """Export a trained classifier run to models/<name>/{model.onnx, card.json} behind a parity gate.
 
     python -m export.classifier --run runs/cnn/<stamp> --name cnn
+    python -m export.classifier --run runs/resnet/<stamp1> runs/resnet/<stamp2> --name resnet   # an ensemble
 
 The graph is the whole model: uint8 pixels [N,C,H,W] -> normalisation -> network -> softmax, with outputs
 `probabilities` [N,K] and `embedding` [N,D]. Before anything is written the graph must pass onnx.checker
@@ -12,6 +13,7 @@ from __future__ import annotations
 
 import argparse
 import json
+from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
@@ -23,7 +25,7 @@ from export.onnx_io import (ParityError, cpu_session, export_to_bytes, opset_of,
 from training.data import load_dataset, train_val_split
 from training.models import build_classifier, count_parameters
 from training.plots import confusion_matrix, plot_confusion, plot_curves
-from training.train import command_for
+from training.train import command_for, split_seed
 
 
 # Test-time augmentation: the views of each image whose probabilities (and embeddings) the graph averages.
@@ -42,14 +44,23 @@ TTA_DESCRIPTIONS = {
 
 
 class ClassifierGraph(nn.Module):
-    """Raw uint8 pixels in, probabilities and penultimate features out: no preprocessing outside the graph."""
+    """Raw uint8 pixels in, probabilities and penultimate features out: no preprocessing outside the graph.
 
-    def __init__(self, model: nn.Module, mean: list[float], std: list[float], tta: str = "none"):
+    With several members (an ensemble of runs that share one normalisation and one validation split) the
+    probabilities are the members' mean and the embedding is their features side by side: each member's
+    feature space is its own, so averaging features across members would mix unrelated coordinates.
+    """
+
+    def __init__(self, models: list[nn.Module], mean: list[float], std: list[float], tta: str = "none"):
         super().__init__()
-        self.model = model
+        self.members = nn.ModuleList(models)
         self.tta = tta
         self.register_buffer("mean", torch.tensor(mean, dtype=torch.float32).view(1, -1, 1, 1))
         self.register_buffer("std", torch.tensor(std, dtype=torch.float32).view(1, -1, 1, 1))
+
+    @property
+    def embedding_dim(self) -> int:
+        return sum(member.embedding_dim for member in self.members)
 
     def forward(self, pixels: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         # Test-time augmentation lives inside the graph so that every client gets it and no preprocessing
@@ -57,29 +68,69 @@ class ClassifierGraph(nn.Module):
         raw = pixels.to(torch.float32)
         height, width = raw.shape[2], raw.shape[3]
         padded = nn.functional.pad(raw, (1, 1, 1, 1)) if self.tta == "flip-shift" else raw
-        probabilities, embedding = None, None
+        probabilities = None
+        features = [None] * len(self.members)
         views = TTA_VIEWS[self.tta]
         for dy, dx, flip in views:
             view = padded[:, :, 1 + dy:1 + dy + height, 1 + dx:1 + dx + width] if self.tta == "flip-shift" else raw
             if flip:
                 view = torch.flip(view, dims=[3])
             x = (view / 255.0 - self.mean) / self.std  # same arithmetic as training.data.normalise
-            features = self.model.forward_features(x)
-            p = torch.softmax(self.model.classifier(features), dim=1)
-            probabilities = p if probabilities is None else probabilities + p
-            embedding = features if embedding is None else embedding + features
-        return probabilities / len(views), embedding / len(views)
+            for k, member in enumerate(self.members):
+                f = member.forward_features(x)
+                p = torch.softmax(member.classifier(f), dim=1)
+                probabilities = p if probabilities is None else probabilities + p
+                features[k] = f if features[k] is None else features[k] + f
+        embedding = torch.cat(features, dim=1) if len(features) > 1 else features[0]
+        return probabilities / (len(views) * len(self.members)), embedding / len(views)
 
 
-def load_run(run_dir: Path, tta: str = "none") -> tuple[ClassifierGraph, dict, dict, dict]:
+@dataclass
+class Run:
+    """One training run as the exporter needs it: its best weights, its config record and its metrics."""
+    path: Path
+    best: dict
+    record: dict
+    metrics: dict
+
+
+def read_run(run_dir: Path) -> tuple[nn.Module, Run]:
     best = torch.load(run_dir / "best.pt", map_location="cpu", weights_only=False)
     model, _ = build_classifier(best["model_name"], **best["model_config"])
     model.load_state_dict(best["model"])
     model = model.to(memory_format=torch.contiguous_format).float().eval()
-    graph = ClassifierGraph(model, best["normalisation"]["mean"], best["normalisation"]["std"], tta).eval()
     record = json.loads((run_dir / "config.json").read_text())
     metrics = json.loads((run_dir / "metrics.json").read_text())
-    return graph, best, record, metrics
+    return model, Run(run_dir, best, record, metrics)
+
+
+def check_ensemble_compatible(runs: list[Run]) -> None:
+    """Members must see the same inputs the same way and share a validation split that none trained on,
+    or the ensemble's validation scores (and so the choice of views) would be contaminated."""
+    first = runs[0]
+    for run in runs[1:]:
+        for what, get in (("data set", lambda r: (r.record["config"]["dataset"], r.record["config"]["data_dir"])),
+                          ("data files", lambda r: r.record["data_files"]),
+                          ("validation split", lambda r: (r.record["config"]["val_fraction"],
+                                                          split_seed(r.record["config"]))),
+                          ("normalisation", lambda r: r.record["normalisation"]),
+                          ("labels", lambda r: r.record["label_names"]),
+                          ("input shape", lambda r: r.record["model_config"]["in_shape"])):
+            if get(run) != get(first):
+                raise ValueError(f"{run.path} and {first.path} differ in {what}: they cannot be one ensemble "
+                                 "(train ensemble members with one --split-seed)")
+
+
+def load_runs(run_dirs: list[Path], tta: str = "none") -> tuple[ClassifierGraph, list[Run]]:
+    models, runs = zip(*(read_run(Path(d)) for d in run_dirs))
+    check_ensemble_compatible(list(runs))
+    norm = runs[0].record["normalisation"]
+    return ClassifierGraph(list(models), norm["mean"], norm["std"], tta).eval(), list(runs)
+
+
+def load_run(run_dir: Path, tta: str = "none") -> tuple[ClassifierGraph, dict, dict, dict]:
+    graph, (run,) = load_runs([run_dir], tta)
+    return graph, run.best, run.record, run.metrics
 
 
 @torch.no_grad()
@@ -87,7 +138,7 @@ def validation_accuracy_by_tta(graph: ClassifierGraph, config: dict) -> dict[str
     """PyTorch accuracy of each test-time augmentation on the run's own validation split (never the test
     split), so that the choice of views is made where the model was selected."""
     full = load_dataset(config["dataset"], "train", config["data_dir"])
-    _, val = train_val_split(full, config["val_fraction"], config["seed"])
+    _, val = train_val_split(full, config["val_fraction"], split_seed(config))
     chosen = graph.tta
     scores = {}
     for tta in TTA_VIEWS:
@@ -121,15 +172,45 @@ def onnx_test_metrics(session, images: np.ndarray, labels: np.ndarray, label_nam
             "per_class_accuracy": per_class}, predictions
 
 
-def build_card(name: str, graph: ClassifierGraph, best: dict, record: dict, run_metrics: dict, metrics: dict,
-               parity: dict, opset: int, in_shape: tuple, run_dir: Path) -> dict:
+def training_record(run: Run) -> dict:
+    """What the card says of one training run: the command that reproduces it and what it measured."""
+    config, record, run_metrics = run.record["config"], run.record, run.metrics
+    return {
+        "command": command_for(config), "seed": config["seed"], "config": config,
+        "data_files": record["data_files"], "hardware": record["hardware"],
+        "bf16_autocast": record["bf16_autocast"], "wall_seconds": round(run_metrics["wall_seconds"], 1),
+        "seconds_per_epoch": round(run_metrics["seconds_per_epoch"], 1), "epochs": len(run_metrics["history"]),
+        "best_epoch": run_metrics["best_epoch"], "best_val_acc": run_metrics["best_val_acc"],
+        "test_acc_torch": run_metrics["test_acc_torch"], "run": run.path.name,
+    }
+
+
+def ensemble_training_record(runs: list[Run]) -> dict:
+    """An ensemble's card: every member's record, and the totals a reader compares against one run."""
+    members = [training_record(run) for run in runs]
+    return {
+        "ensemble_of": len(runs), "command": " && ".join(m["command"] for m in members),
+        "seed": [m["seed"] for m in members], "split_seed": split_seed(runs[0].record["config"]),
+        "data_files": members[0]["data_files"], "hardware": sorted({m["hardware"] for m in members}),
+        "wall_seconds": round(sum(m["wall_seconds"] for m in members), 1), "members": members,
+    }
+
+
+def build_card(name: str, graph: ClassifierGraph, runs: list[Run], metrics: dict, parity: dict, opset: int,
+               in_shape: tuple) -> dict:
     channels, height, width = in_shape
-    config = record["config"]
+    first = runs[0]
+    record = first.record
+    architecture = {"family": first.best["model_name"], "config": first.best["model_config"],
+                    "parameters": count_parameters(graph.members)}
+    if len(runs) > 1:
+        architecture["ensemble"] = {
+            "members": len(runs), "parameters_per_member": [count_parameters(m) for m in graph.members],
+            "combination": "mean of the members' probabilities; embedding: the members' features concatenated"}
     return {
         "name": name,
         "task": "classification",
-        "architecture": {"family": best["model_name"], "config": best["model_config"],
-                         "parameters": count_parameters(graph.model)},
+        "architecture": architecture,
         "input": {
             "name": "pixels", "dtype": "uint8", "shape": ["N", channels, height, width], "layout": "NCHW",
             "channels": channels, "height": height, "width": width,
@@ -141,19 +222,12 @@ def build_card(name: str, graph: ClassifierGraph, best: dict, record: dict, run_
         },
         "outputs": [
             {"name": "probabilities", "dtype": "float32", "shape": ["N", len(record["label_names"])]},
-            {"name": "embedding", "dtype": "float32", "shape": ["N", graph.model.embedding_dim]},
+            {"name": "embedding", "dtype": "float32", "shape": ["N", graph.embedding_dim]},
         ],
         "labels": record["label_names"],
-        "metrics": {"split": "test", "dataset": config["dataset"],
+        "metrics": {"split": "test", "dataset": record["config"]["dataset"],
                     "measured_by": "onnxruntime CPUExecutionProvider on the exported graph", **metrics},
-        "training": {
-            "command": command_for(config), "seed": config["seed"], "config": config,
-            "data_files": record["data_files"], "hardware": record["hardware"],
-            "bf16_autocast": record["bf16_autocast"], "wall_seconds": round(run_metrics["wall_seconds"], 1),
-            "seconds_per_epoch": round(run_metrics["seconds_per_epoch"], 1), "epochs": len(run_metrics["history"]),
-            "best_epoch": run_metrics["best_epoch"], "best_val_acc": run_metrics["best_val_acc"],
-            "test_acc_torch": run_metrics["test_acc_torch"], "run": run_dir.name,
-        },
+        "training": training_record(first) if len(runs) == 1 else ensemble_training_record(runs),
         "parity": parity,
         "export": {"exporter": "torch.onnx.export(dynamo=True, external_data=False)", "opset": opset,
                    **runtime_versions()},
@@ -162,7 +236,9 @@ def build_card(name: str, graph: ClassifierGraph, best: dict, record: dict, run_
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--run", required=True, help="a run folder written by training.train")
+    p.add_argument("--run", required=True, nargs="+",
+                   help="a run folder written by training.train; several make one ensemble graph (their runs must "
+                        "share normalisation and validation split: train them with one --split-seed)")
     p.add_argument("--name", required=True, help="model name; written to OUT/NAME/")
     p.add_argument("--out", default="models")
     p.add_argument("--parity-images", type=int, default=2000, help="test images compared with PyTorch (>= 512)")
@@ -177,9 +253,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
 
 
 def main(args: argparse.Namespace) -> dict:
-    run_dir = Path(args.run)
-    graph, best, record, run_metrics = load_run(run_dir, args.tta)
-    config = record["config"]
+    graph, runs = load_runs([Path(r) for r in args.run], args.tta)
+    config = runs[0].record["config"]
     tta_validation = None
     if args.choose_tta:
         tta_validation = validation_accuracy_by_tta(graph, config)
@@ -195,8 +270,7 @@ def main(args: argparse.Namespace) -> dict:
     session = cpu_session(model_bytes)
     parity = check_parity(graph, session, images[:max(args.parity_images, 1)], args.tolerance)
     metrics, predictions = onnx_test_metrics(session, images, labels, test.label_names)
-    card = build_card(args.name, graph, best, record, run_metrics, metrics, parity, opset_of(model_bytes),
-                      in_shape, run_dir)
+    card = build_card(args.name, graph, runs, metrics, parity, opset_of(model_bytes), in_shape)
     card["input"]["tta_validation_accuracy"] = tta_validation
     print(f"{args.name}: parity {parity['argmax_agreement']:.4f} argmax, max |dp| {parity['max_abs_probability_diff']:.2e}; "
           f"test accuracy (onnxruntime) {metrics['accuracy']:.4f}; {len(model_bytes) / 1e6:.2f} MB", flush=True)
@@ -208,8 +282,10 @@ def main(args: argparse.Namespace) -> dict:
     matrix = confusion_matrix(labels, predictions, len(test.label_names))
     plot_confusion(matrix, test.label_names, out_dir / "confusion.png",
                    f"{args.name} (onnxruntime): test accuracy {metrics['accuracy']:.4f}")
-    plot_curves(run_metrics["history"], out_dir / "curves.png",
-                f"{args.name}: {card['training']['command']}", config["label_smoothing"])
+    for k, run in enumerate(runs):
+        command = command_for(run.record["config"])
+        plot_curves(run.metrics["history"], out_dir / ("curves.png" if k == 0 else f"curves-member{k + 1}.png"),
+                    f"{args.name}: {command}", run.record["config"]["label_smoothing"])
     return json.loads((out_dir / "card.json").read_text())
 
 

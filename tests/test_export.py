@@ -124,3 +124,45 @@ def test_choose_tta_picks_the_best_on_validation_and_records_it(digits_run, tmp_
     best = max(scores.values())
     chosen = [k for k, v in export_classifier.TTA_DESCRIPTIONS.items() if v == card["input"]["test_time_augmentation"]]
     assert chosen and scores[chosen[0]] == best
+
+
+@pytest.fixture(scope="module")
+def second_member(tmp_path_factory):
+    """A second digits run with its own seed on the first run's validation split (--split-seed)."""
+    out = tmp_path_factory.mktemp("runs2")
+    return train_main(train_args(["--model", "cnn", "--dataset", "digits", "--epochs", "3", "--seed", "2",
+                                  "--split-seed", "1", "--out", str(out), "--no-progress"]))
+
+
+def test_ensemble_graph_is_the_mean_of_its_members(digits_run, second_member, exported, tmp_path):
+    card = export_classifier.main(export_classifier.parse_args(
+        ["--run", str(digits_run), str(second_member), "--name", "pair", "--out", str(tmp_path),
+         "--parity-images", "512"]))
+    images = load_dataset("digits", "test").images.numpy()
+    pair = ort.InferenceSession(str(tmp_path / "pair" / "model.onnx"), providers=["CPUExecutionProvider"])
+    first = ort.InferenceSession(str(exported[0] / "model.onnx"), providers=["CPUExecutionProvider"])
+    graph, _, _, _ = export_classifier.load_run(second_member)
+    probs, emb = pair.run(None, {"pixels": images})
+    probs_1, emb_1 = first.run(None, {"pixels": images})
+    with torch.no_grad():
+        probs_2, emb_2 = (t.numpy() for t in graph(torch.from_numpy(images)))
+    np.testing.assert_allclose(probs, (probs_1 + probs_2) / 2, atol=1e-5)
+    np.testing.assert_allclose(emb, np.concatenate([emb_1, emb_2], axis=1), atol=1e-4)
+    assert card["outputs"][1]["shape"] == ["N", emb_1.shape[1] + emb_2.shape[1]]
+    assert card["architecture"]["ensemble"]["members"] == 2
+    assert card["architecture"]["parameters"] == sum(card["architecture"]["ensemble"]["parameters_per_member"])
+    training = card["training"]
+    assert training["ensemble_of"] == 2 and training["seed"] == [1, 2] and training["split_seed"] == 1
+    assert [m["command"] for m in training["members"]] == training["command"].split(" && ")
+    assert "--split-seed 1" in training["members"][1]["command"]
+    assert (tmp_path / "pair" / "curves-member2.png").is_file()
+    assert evaluate.evaluate_classifier(tmp_path / "pair")["problems"] == []
+
+
+def test_ensemble_refuses_members_with_different_validation_splits(digits_run, tmp_path):
+    other = train_main(train_args(["--model", "cnn", "--dataset", "digits", "--epochs", "1", "--seed", "3",
+                                   "--out", str(tmp_path / "runs"), "--no-progress", "--dry-run"]))
+    with pytest.raises(ValueError, match="validation split"):
+        export_classifier.main(export_classifier.parse_args(
+            ["--run", str(digits_run), str(other), "--name", "bad", "--out", str(tmp_path / "models")]))
+    assert not (tmp_path / "models" / "bad").exists()

@@ -36,6 +36,7 @@ DEFAULTS = dict(
     optimizer="adam", lr=1e-3, momentum=0.9, weight_decay=0.0, schedule="constant", warmup_epochs=0,
     augment="none", label_smoothing=0.0, init="default", activation="tanh", hidden=[512, 512],
     dropout=0.0, depth=20, width=1.0, val_fraction=0.1, amp="auto", init_from=None, swa=False, seed=0,
+    split_seed=None,
 )
 
 # The lectures' recipes (seed-*) and the recipes behind the released models (release-*).
@@ -111,6 +112,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                    help="stochastic weight averaging (Izmailov et al. 2018): average the weights at the end of every "
                         "epoch, recompute batch-norm statistics, and validate and keep the average")
     p.add_argument("--seed", type=int)
+    p.add_argument("--split-seed", type=int, help="seed of the train/validation split (default: --seed); runs "
+                   "that will be ensembled share one split so that validation stays unseen by every member")
     p.add_argument("--device", default="auto", help="auto, cpu or cuda")
     p.add_argument("--out", default="runs", help="runs are written to OUT/<model>/<stamp>/")
     p.add_argument("--resume", help="a run folder whose last.pt to continue from")
@@ -128,6 +131,11 @@ def resolve_config(args: argparse.Namespace) -> dict:
 def command_for(config: dict) -> str:
     """The shortest command line that reproduces `config`: its preset plus every setting that differs."""
     return cli.command_for(config, DEFAULTS, PRESETS, "training.train")
+
+
+def split_seed(config: dict) -> int:
+    """The train/validation split's seed; runs recorded before --split-seed existed split by --seed."""
+    return config["seed"] if config.get("split_seed") is None else config["split_seed"]
 
 
 def cpu_has_bf16() -> bool:
@@ -338,7 +346,7 @@ def main(args: argparse.Namespace) -> Path:
 
     train_full = load_dataset(config["dataset"], "train", config["data_dir"])
     test = load_dataset(config["dataset"], "test", config["data_dir"])
-    train, val = train_val_split(train_full, config["val_fraction"], config["seed"])
+    train, val = train_val_split(train_full, config["val_fraction"], split_seed(config))
     mean, std = channel_stats(train.images)
     max_batches = 2 if args.dry_run else None
     steps = max_batches or math.ceil(len(train) / config["batch_size"])

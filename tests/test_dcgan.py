@@ -151,3 +151,24 @@ def test_a_resumed_run_can_be_ended_or_extended_and_says_so(tmp_path):
     assert config["epochs"] == 1 and config["epochs_changes"] == [{"after_epoch": 1, "from": 3, "to": 1}]
     with pytest.raises(SystemExit):
         main(parse_args(["--resume", str(ended), "--epochs", "0", "--no-progress", "--dry-run"]))
+
+
+def test_auxiliary_class_head_learns_and_pushes_the_generator(tmp_path):
+    """AC-GAN (--aux-weight): the discriminator gets a class head whose loss reaches the generator."""
+    torch.manual_seed(0)
+    cfg = DCGANConfig(g_width=8, d_width=8, embed_dim=10, aux_classifier=True)
+    generator, discriminator = Generator(cfg), Discriminator(cfg)
+    initialise_dcgan(generator, discriminator)
+    labels = torch.tensor([0, 1, 2, 3, 9])
+    logit, classes = discriminator.judge(generator(torch.randn(5, 100), labels), labels)
+    assert logit.shape == (5,) and classes.shape == (5, 10)
+    torch.nn.functional.cross_entropy(classes, labels).backward()
+    assert all(p.grad is not None and p.grad.abs().sum() > 0 for p in generator.parameters())
+    assert Discriminator(DCGANConfig()).classify is None  # off by default: older runs load unchanged
+
+    run = train(tmp_path, "--epochs", "1", "--seed", "2", "--aux-weight", "1")
+    history = json.loads((run / "metrics.json").read_text())["history"]
+    assert 0 <= history[0]["aux_real_acc"] <= 1 and 0 <= history[0]["aux_fake_acc"] <= 1
+    state = torch.load(run / "last.pt", map_location="cpu", weights_only=False)
+    assert "classify.weight" in state["discriminator"] and state["config"]["aux_weight"] == 1.0
+    assert "--aux-weight 1.0" in json.loads((run / "config.json").read_text())["command"]

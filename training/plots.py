@@ -140,7 +140,10 @@ def plot_gan_curves(history: list[dict], path: str | Path, title: str = "") -> N
     ax_loss.set(xlabel="epoch", ylabel="loss", title="loss")
     ax_d.plot(epochs, [h["d_real"] for h in history], label="D(x), real")
     ax_d.plot(epochs, [h["d_fake"] for h in history], label="D(G(z)), generated")
-    ax_d.set(xlabel="epoch", ylabel="mean sigmoid output", title="discriminator", ylim=(0, 1))
+    if "aux_real_acc" in history[0]:  # AC-GAN: how often the class head names the class, real and generated
+        ax_d.plot(epochs, [h["aux_real_acc"] for h in history], "--", label="class head accuracy, real")
+        ax_d.plot(epochs, [h["aux_fake_acc"] for h in history], "--", label="class head accuracy, generated")
+    ax_d.set(xlabel="epoch", ylabel="mean sigmoid output / accuracy", title="discriminator", ylim=(0, 1))
     for ax in (ax_loss, ax_d):
         ax.grid(alpha=0.3)
         ax.legend()

@@ -33,7 +33,8 @@ from training.train import hardware_description, new_run_dir, pick_device
 
 DEFAULTS = dict(
     model="dcgan", dataset="fashion-mnist", data_dir=None, epochs=20, batch_size=128, lr_g=2e-4, lr_d=2e-4,
-    beta1=0.5, beta2=0.999, z_dim=100, embed_dim=50, g_width=64, d_width=64, augment="flip", seed=0,
+    beta1=0.5, beta2=0.999, z_dim=100, embed_dim=50, g_width=64, d_width=64, augment="flip", aux_weight=0.0,
+    seed=0,
 )
 
 PRESETS = {
@@ -43,6 +44,12 @@ PRESETS = {
     # measured side by side on a busy machine; a 28x28 grey image needs no more.
     "release-dcgan": dict(epochs=20, batch_size=128, lr_g=2e-4, lr_d=2e-4, beta1=0.5, g_width=64, d_width=64,
                           augment="flip"),
+    # release-dcgan plus an AC-GAN class loss (weight 1, the paper's): its class consistency stayed at
+    # 86.9% (epoch 5) and 86.5% (epoch 10) under the width-1 ResNet judge, short of the 90% gate. The
+    # discriminator's class head learns from real images only; the generator is pushed towards images that
+    # head assigns to the class asked for.
+    "release-dcgan-ac": dict(epochs=20, batch_size=128, lr_g=2e-4, lr_d=2e-4, beta1=0.5, g_width=64, d_width=64,
+                             augment="flip", aux_weight=1.0),
 }
 
 GRID_NOISE_SEED = 1234  # the fixed noise behind every epoch's sample grid, the same for every run
@@ -64,6 +71,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--g-width", type=int, help="the generator's hidden width at 14x14 (2x at 7x7)")
     p.add_argument("--d-width", type=int, help="the discriminator's first width (then 2x, 4x)")
     p.add_argument("--augment", choices=["none", "flip"])
+    p.add_argument("--aux-weight", type=float, help="AC-GAN: weight of the discriminator's class loss on real "
+                   "images and of the generator's on its samples (0: off, no class head)")
     p.add_argument("--seed", type=int)
     p.add_argument("--device", default="auto", help="auto, cpu or cuda")
     p.add_argument("--out", default="runs", help="runs are written to OUT/dcgan/<stamp>/")
@@ -85,7 +94,8 @@ def command_for(config: dict) -> str:
 
 def model_config(config: dict, num_classes: int, channels: int) -> DCGANConfig:
     return DCGANConfig(z_dim=config["z_dim"], num_classes=num_classes, channels=channels,
-                       embed_dim=config["embed_dim"], g_width=config["g_width"], d_width=config["d_width"])
+                       embed_dim=config["embed_dim"], g_width=config["g_width"], d_width=config["d_width"],
+                       aux_classifier=config.get("aux_weight", 0.0) > 0)
 
 
 def to_unit_range(images: torch.Tensor) -> torch.Tensor:
@@ -115,7 +125,10 @@ def train_epoch(config: dict, generator: Generator, discriminator: Discriminator
     torch.manual_seed(config["seed"] * 1000 + epoch)
     order_rng = torch.Generator().manual_seed(config["seed"] * 1000 + epoch)
     batches = torch.randperm(len(labels), generator=order_rng).split(config["batch_size"])[:max_batches]
+    aux_weight = config.get("aux_weight", 0.0)
     sums = dict(loss_d=0.0, loss_g=0.0, d_real=0.0, d_fake=0.0)
+    if aux_weight:
+        sums |= dict(aux_real_acc=0.0, aux_fake_acc=0.0)
     bar = tqdm(batches, desc=f"epoch {epoch}/{config['epochs']}", leave=False, disable=not progress)
     for step, index in enumerate(bar, start=1):
         real = to_unit_range(images[index])
@@ -127,16 +140,20 @@ def train_epoch(config: dict, generator: Generator, discriminator: Discriminator
         fake = generator(z, y)
 
         # Discriminator: real -> 1, fake -> 0. softplus(-x) is -log(sigmoid(x)), the stable BCE-with-logits.
-        logits_real = discriminator(real, y)
+        logits_real, classes_real = discriminator.judge(real, y)
         logits_fake = discriminator(fake.detach(), y)
         loss_d = F.softplus(-logits_real).mean() + F.softplus(logits_fake).mean()
+        if aux_weight:
+            loss_d = loss_d + aux_weight * F.cross_entropy(classes_real, y)
         optimizers["d"].zero_grad(set_to_none=True)
         loss_d.backward()
         optimizers["d"].step()
 
         # Generator: the non-saturating loss -log D(G(z)), whose gradient does not vanish early on.
-        logits_gen = discriminator(fake, y)
+        logits_gen, classes_gen = discriminator.judge(fake, y)
         loss_g = F.softplus(-logits_gen).mean()
+        if aux_weight:
+            loss_g = loss_g + aux_weight * F.cross_entropy(classes_gen, y)
         optimizers["g"].zero_grad(set_to_none=True)
         loss_g.backward()
         optimizers["g"].step()
@@ -145,6 +162,9 @@ def train_epoch(config: dict, generator: Generator, discriminator: Discriminator
         sums["loss_g"] += loss_g.item()
         sums["d_real"] += torch.sigmoid(logits_real).mean().item()
         sums["d_fake"] += torch.sigmoid(logits_fake).mean().item()
+        if aux_weight:
+            sums["aux_real_acc"] += (classes_real.argmax(1) == y).float().mean().item()
+            sums["aux_fake_acc"] += (classes_gen.argmax(1) == y).float().mean().item()
         bar.set_postfix(loss_d=f"{sums['loss_d'] / step:.3f}", loss_g=f"{sums['loss_g'] / step:.3f}")
     return {key: value / len(batches) for key, value in sums.items()}
 
@@ -226,8 +246,10 @@ def main(args: argparse.Namespace) -> Path:
         torch.save({"generator": generator.state_dict(), "discriminator": discriminator.state_dict(),
                     "optimizers": {key: opt.state_dict() for key, opt in optimizers.items()}, "epoch": epoch,
                     "history": history, "config": config, "wall_seconds": wall}, run_dir / "last.pt")
+        aux = (f"  class head real {losses['aux_real_acc']:.3f} generated {losses['aux_fake_acc']:.3f}"
+               if "aux_real_acc" in losses else "")
         print(f"epoch {epoch:3d}  loss D {losses['loss_d']:.4f} G {losses['loss_g']:.4f}  "
-              f"D(x) {losses['d_real']:.3f} D(G(z)) {losses['d_fake']:.3f}  ({wall:.0f}s)", flush=True)
+              f"D(x) {losses['d_real']:.3f} D(G(z)) {losses['d_fake']:.3f}{aux}  ({wall:.0f}s)", flush=True)
         if not all(math.isfinite(v) for v in losses.values()):
             raise SystemExit(f"training diverged at epoch {epoch}: {losses}")
         if args.stop_after and epoch - start_epoch + 1 >= args.stop_after and epoch < config["epochs"]:

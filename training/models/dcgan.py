@@ -21,6 +21,7 @@ class DCGANConfig:
     embed_dim: int = 50      # the generator's class embedding, concatenated with z
     g_width: int = 128       # the generator's last hidden width (at 14x14); the 7x7 layer has 2x
     d_width: int = 64        # the discriminator's first width; then 2x and 4x
+    aux_classifier: bool = False  # AC-GAN: the discriminator also predicts the class (Odena et al. 2017)
 
 
 class Generator(nn.Module):
@@ -71,10 +72,19 @@ class Discriminator(nn.Module):
         )
         self.linear = nn.Linear(w * 4, 1)
         self.embed = nn.Embedding(cfg.num_classes, w * 4)
+        # An auxiliary class head on the same features: trained on real images, it gives the generator a
+        # direct gradient towards images that look like their class, which projection alone left at ~86%
+        # class consistency (judged by the width-1 ResNet) from epoch 5 to 10 of release-dcgan.
+        self.classify = nn.Linear(w * 4, cfg.num_classes) if cfg.aux_classifier else None
 
     def forward(self, images: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+        return self.judge(images, labels)[0]
+
+    def judge(self, images: torch.Tensor, labels: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """One logit per image (real or fake), and class logits [N, K] when the auxiliary head is on."""
         phi = self.features(images).sum(dim=(2, 3))  # global sum pooling: (w*4)
-        return self.linear(phi).squeeze(1) + (self.embed(labels) * phi).sum(dim=1)  # one logit per image
+        logit = self.linear(phi).squeeze(1) + (self.embed(labels) * phi).sum(dim=1)
+        return logit, (self.classify(phi) if self.classify is not None else None)
 
 
 def initialise_dcgan(generator: Generator, discriminator: Discriminator) -> None:

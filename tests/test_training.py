@@ -5,7 +5,8 @@ import json
 import pytest
 import torch
 
-from training.train import AUGMENTATIONS, PRESETS, augment_batch, command_for, main, parse_args, resolve_config
+from training.train import (AUGMENTATIONS, PRESETS, augment_batch, command_for, main, parse_args, resolve_config,
+                            uses_channels_last)
 
 
 def train(tmp_path, *flags):
@@ -80,3 +81,21 @@ def test_presets_resolve_and_flags_override():
     assert config["optimizer"] == "sgd" and config["lr"] == 0.1 and config["epochs"] == 3
     assert command_for(config) == "python -m training.train --preset seed-mlp --epochs 3 --seed 0"
     assert set(PRESETS) >= {"seed-mlp", "seed-mlp-relu", "seed-cnn", "release-mlp", "release-cnn", "release-resnet"}
+
+
+def test_channels_last_is_recorded_and_off_for_the_mlp(tmp_path):
+    cnn = json.loads((train(tmp_path / "cnn", "--model", "cnn", "--epochs", "1", "--dry-run") / "config.json").read_text())
+    assert cnn["channels_last"] is True and cnn["config"]["channels_last"] == "on"
+    off = json.loads((train(tmp_path / "off", "--model", "cnn", "--epochs", "1", "--dry-run", "--channels-last", "off")
+                      / "config.json").read_text())
+    assert off["channels_last"] is False
+    assert "--channels-last off" in command_for(off["config"])
+    mlp = json.loads((train(tmp_path / "mlp", "--model", "mlp", "--epochs", "1", "--dry-run") / "config.json").read_text())
+    assert mlp["channels_last"] is False
+
+
+def test_runs_recorded_before_the_option_resume_with_their_old_memory_format():
+    legacy = {"model": "resnet"}  # no channels_last key: NHWC came with bf16 autocast only
+    assert uses_channels_last(legacy, use_bf16=False) is False
+    assert uses_channels_last(legacy, use_bf16=True) is True
+    assert uses_channels_last({"model": "resnet", "channels_last": "on"}, use_bf16=False) is True

@@ -87,10 +87,12 @@ class AdmissionLimit:
     off by default, for machines where the front end is not the bottleneck.
     """
 
-    def __init__(self, app: ASGIApp, max_in_flight: Callable[[], int], retry_after: Callable[[], int]) -> None:
+    def __init__(self, app: ASGIApp, max_in_flight: Callable[[], int], retry_after: Callable[[], int],
+                 max_body_bytes: Callable[[], int]) -> None:
         self.app = app
         self.max_in_flight = max_in_flight
         self.retry_after = retry_after
+        self.max_body_bytes = max_body_bytes
         self.in_flight = 0
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
@@ -99,8 +101,8 @@ class AdmissionLimit:
             return
         limit = self.max_in_flight()
         if limit and self.in_flight >= limit:
-            await self._drain(receive)
-            await self._send_overloaded(send)
+            drained = await self._drain(receive, self.max_body_bytes())
+            await self._send_overloaded(send, close=not drained)
             return
         self.in_flight += 1
         try:
@@ -109,22 +111,28 @@ class AdmissionLimit:
             self.in_flight -= 1
 
     @staticmethod
-    async def _drain(receive: Receive) -> None:
+    async def _drain(receive: Receive, max_bytes: int) -> bool:
         """Read the body and drop it: answering before the client has sent it all resets the connection
         under the client's feet (it sees no 503, only a broken pipe). Reading is a copy; the parsing and
-        decoding that the limit exists to avoid never happen."""
+        decoding that the limit exists to avoid never happen. No more than the body limit is read (a refused
+        request is no reason to accept an endless chunked upload); False when reading stopped there."""
+        received = 0
         while True:
             message = await receive()
             if message["type"] != "http.request" or not message.get("more_body", False):
-                return
+                return True
+            received += len(message.get("body", b""))
+            if received > max_bytes:
+                return False
 
-    async def _send_overloaded(self, send: Send) -> None:
+    async def _send_overloaded(self, send: Send, close: bool) -> None:
         retry_after = str(self.retry_after())
         body = json.dumps(error_body("overloaded", f"the server has {self.in_flight} requests in progress; "
                                      f"retry after {retry_after} s")).encode()
+        headers = [(b"content-type", b"application/json"), (b"content-length", str(len(body)).encode()),
+                   (b"retry-after", retry_after.encode())]
         await send({"type": "http.response.start", "status": 503,
-                    "headers": [(b"content-type", b"application/json"), (b"content-length", str(len(body)).encode()),
-                                (b"retry-after", retry_after.encode())]})
+                    "headers": headers + ([(b"connection", b"close")] if close else [])})
         await send({"type": "http.response.body", "body": body})
 
 

@@ -9,6 +9,10 @@ from __future__ import annotations
 
 import asyncio
 import io
+import select
+import socket
+import time
+from urllib.parse import urlsplit
 
 import httpx
 import numpy as np
@@ -66,10 +70,14 @@ def test_burst_gives_only_200_or_503_with_retry_after_and_the_server_recovers(sm
     assert [r.status_code for r in after] == [200, 200, 200]
 
 
+ADMISSION_BODY_LIMIT = 1024 * 1024
+
+
 @pytest.fixture(scope="module")
 def small_admission_server(tmp_path_factory):
     running = start_server(tmp_path_factory.mktemp("admission") / "server.log",
-                           {"VISIONSERVE_MODELS_DIR": str(MODELS_DIR), "VISIONSERVE_MAX_IN_FLIGHT": "4"})
+                           {"VISIONSERVE_MODELS_DIR": str(MODELS_DIR), "VISIONSERVE_MAX_IN_FLIGHT": "4",
+                            "VISIONSERVE_MAX_BODY_BYTES": str(ADMISSION_BODY_LIMIT)})
     yield running
     stop_server(running)
 
@@ -90,3 +98,41 @@ def test_requests_over_the_in_flight_limit_are_refused_at_the_door(small_admissi
             assert len(response.json()["predictions"]) == IMAGES_PER_REQUEST
     assert httpx.get(url + "/readyz", timeout=10).status_code == 200
     assert httpx.post(url + "/classify", files=files, timeout=30).status_code == 200
+
+
+def test_a_refused_request_is_not_read_past_the_body_limit(small_admission_server):
+    """A request refused at the door has its body read (so that the client sees the 503, not a reset), but
+    never more than the body limit: an endless chunked upload to a full server is cut off there."""
+    address = urlsplit(small_admission_server.url)
+    head = (f"POST /classify HTTP/1.1\r\nHost: {address.hostname}\r\n"
+            "Content-Type: multipart/form-data; boundary=x\r\n").encode()
+    holders = []
+    for _ in range(4):  # four requests in progress, each waiting for the rest of its body
+        holder = socket.create_connection((address.hostname, address.port), timeout=10)
+        holder.sendall(head + b"Content-Length: 100000\r\n\r\n--x\r\n")
+        holders.append(holder)
+    time.sleep(1.0)
+    refused = socket.create_connection((address.hostname, address.port), timeout=10)
+    refused.sendall(head + b"Transfer-Encoding: chunked\r\n\r\n")
+    chunk = b"%x\r\n" % (256 * 1024) + b"\0" * (256 * 1024) + b"\r\n"
+    sent, answer = 0, b""
+    try:
+        while sent < 96 * ADMISSION_BODY_LIMIT:
+            if select.select([refused], [], [], 0)[0]:
+                answer = refused.recv(4096)
+                break
+            refused.sendall(chunk)
+            sent += len(chunk)
+        else:
+            answer = refused.recv(4096)
+    except (BrokenPipeError, ConnectionResetError):
+        pass  # the server closed the connection after its 503, as its Connection: close said
+    finally:
+        refused.close()
+        for holder in holders:
+            holder.close()
+    assert sent < 24 * ADMISSION_BODY_LIMIT, f"the server read {sent} bytes of a refused upload"
+    if answer:
+        assert answer.startswith(b"HTTP/1.1 503") and b"connection: close" in answer.lower(), answer[:300]
+    time.sleep(1.0)
+    assert httpx.get(small_admission_server.url + "/readyz", timeout=10).status_code == 200

@@ -8,7 +8,7 @@ See docs/SERVING.md for the table of variables.
 from __future__ import annotations
 
 import os
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Mapping
 
@@ -48,6 +48,24 @@ def api_key_from_environment(environ: Mapping[str, str] = os.environ) -> str | N
     """VISIONSERVE_API_KEY: when set (and not empty), every route but the probes needs it (service/security.py)."""
     key = environ.get(ENV_PREFIX + "API_KEY", "").strip()
     return key or None
+
+
+TASKS = ("classification", "segmentation", "generation")
+DEFAULT_MODELS = "classification=cnn"
+
+
+def parse_default_models(value: str) -> dict[str, str]:
+    """VISIONSERVE_DEFAULT_MODELS: comma-separated task=model pairs, e.g. `classification=resnet`; empty: none."""
+    chosen = {}
+    for item in filter(None, (part.strip() for part in value.split(","))):
+        task, sep, name = (text.strip() for text in item.partition("="))
+        if not sep or not name or task not in TASKS:
+            raise ValueError(f"{ENV_PREFIX}DEFAULT_MODELS={value!r}: expected task=model pairs with a task among "
+                             f"{', '.join(TASKS)}")
+        if task in chosen:
+            raise ValueError(f"{ENV_PREFIX}DEFAULT_MODELS={value!r}: {task} is named twice")
+        chosen[task] = name
+    return chosen
 
 
 @dataclass(frozen=True)
@@ -105,6 +123,11 @@ class InferenceConfig:
     generate_max_queued_samples: int
     allow_spinning: bool  # onnxruntime's busy-waiting intra-op threads; off leaves CPU to the HTTP front
     tune_gc: bool  # gc.freeze() after start-up and a larger young generation: no long collection pauses
+    # The model a request without `model` gets, per task; a task not named here (or whose named model is not
+    # available) gets its available model with the best headline metric. Classification is pinned to the CNN:
+    # the released ResNet is an ensemble whose per-image cost is 10-20x the CNN's, which would make the
+    # default path of every client that much slower for 1.5 points of accuracy; ask for it by name.
+    default_models: dict[str, str] = field(default_factory=dict)
 
     @classmethod
     def from_environ(cls, environ: Mapping[str, str] = os.environ) -> "InferenceConfig":
@@ -131,6 +154,7 @@ class InferenceConfig:
             generate_max_queued_samples=_int(environ, "GENERATE_MAX_QUEUED_SAMPLES", 1024),
             allow_spinning=environ.get(ENV_PREFIX + "ORT_SPINNING", "off").lower() == "on",
             tune_gc=environ.get(ENV_PREFIX + "GC_TUNING", "on").lower() == "on",
+            default_models=parse_default_models(environ.get(ENV_PREFIX + "DEFAULT_MODELS", DEFAULT_MODELS)),
         )
 
 

@@ -25,6 +25,7 @@ SERVED_OUTPUT = {"classification": "probabilities", "segmentation": "mask", "gen
 class TaskModels:
     def __init__(self, task: str, folders: list[Path], inference: InferenceConfig, providers: list[str]) -> None:
         self.task = task
+        self.configured_default = inference.default_models.get(task)
         entries = discover_model_folders(folders, task)
         if task == "classification":
             warmup_sizes = (1, inference.max_batch_size) if inference.batching else (1, 64)
@@ -36,6 +37,9 @@ class TaskModels:
             entry.output_name = SERVED_OUTPUT[task]
             load_verified_model(entry, inference.intra_op_threads, providers, warmup_sizes, inference.allow_spinning)
         self.models: dict[str, ModelEntry] = {entry.name: entry for entry in entries}
+        if self.configured_default and self.configured_default not in self.models:
+            logger.warning("VISIONSERVE_DEFAULT_MODELS names %s for %s, which this server does not have; the default "
+                           "is the best available by its card", self.configured_default, task)
         if task == "generation":
             # Never merged across requests: a request's n samples are already one batch, and a sample's
             # bytes must not depend on which other requests shared its model call (on CUDA the kernels
@@ -62,7 +66,11 @@ class TaskModels:
         return sorted(self.runners)
 
     def default_model_name(self) -> str | None:
-        """The available model with the best headline metric on its card (accuracy, or mIoU)."""
+        """The model VISIONSERVE_DEFAULT_MODELS names for this task when it is available, else the available
+        model with the best headline metric on its card (accuracy, mIoU, class consistency)."""
+        configured = self.models.get(self.configured_default or "")
+        if configured is not None and configured.available:
+            return configured.name
         available = [entry for entry in self.models.values() if entry.available]
         return max(available, key=lambda entry: entry.headline_metric).name if available else None
 

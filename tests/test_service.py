@@ -16,6 +16,7 @@ import onnxruntime as ort
 import pytest
 from PIL import Image
 
+from conftest import start_server, stop_server
 from service.images import InputSpec, decode_image, fit_to_input_spec
 
 pytestmark = pytest.mark.server
@@ -74,7 +75,10 @@ def test_models_lists_every_card_on_disk_with_its_provider(server):
         assert model["sha256"] == on_disk[model["name"]]["sha256"]
         assert model["labels"] == on_disk[model["name"]]["labels"]
     classifiers = [m for m in available if m["task"] == "classification"]
-    assert answer["default"]["classification"] == max(classifiers, key=lambda m: m["metrics"]["accuracy"])["name"]
+    # The shipped VISIONSERVE_DEFAULT_MODELS pins the CNN; without it, the most accurate classifier.
+    expected = "cnn" if any(m["name"] == "cnn" for m in classifiers) else \
+        max(classifiers, key=lambda m: m["metrics"]["accuracy"])["name"]
+    assert answer["default"]["classification"] == expected
 
 
 def test_model_detail_and_default(server_url, available_models):
@@ -218,3 +222,28 @@ def test_exif_orientation_is_applied(server_url, fashion_test_images):
     plain = encode(upright, "JPEG", quality=100)
     answer = post_pngs(server_url, [with_exif, plain], top_k=1).json()["predictions"]
     assert answer[0]["top_k"][0]["index"] == answer[1]["top_k"][0]["index"]
+
+
+def test_default_model_comes_from_the_configuration(tmp_path):
+    """VISIONSERVE_DEFAULT_MODELS picks what a request without `model` gets; a name the server does not have
+    falls back to the best available by its card, and says so in the log."""
+    image = png_bytes(np.zeros((1, 28, 28), np.uint8))
+    running = start_server(tmp_path / "server.log", {"VISIONSERVE_MODELS_DIR": str(MODELS_DIR),
+                                                     "VISIONSERVE_DEFAULT_MODELS": "classification=mlp"})
+    try:
+        assert httpx.get(running.url + "/models", timeout=10).json()["default"]["classification"] == "mlp"
+        assert post_pngs(running.url, [image]).json()["model"] == "mlp"
+        assert post_pngs(running.url, [image], model="cnn").json()["model"] == "cnn"
+    finally:
+        stop_server(running)
+    running = start_server(tmp_path / "server2.log", {"VISIONSERVE_MODELS_DIR": str(MODELS_DIR),
+                                                      "VISIONSERVE_DEFAULT_MODELS": "classification=nonesuch"})
+    try:
+        described = httpx.get(running.url + "/models", timeout=10).json()
+        classifiers = [m for m in described["models"] if m["task"] == "classification" and m["status"] == "available"]
+        best = max(classifiers, key=lambda m: m["metrics"]["accuracy"])["name"]
+        assert described["default"]["classification"] == best
+        assert post_pngs(running.url, [image]).json()["model"] == best
+        assert "names nonesuch for classification" in running.log()
+    finally:
+        stop_server(running)

@@ -62,6 +62,16 @@ def test_default_limits_are_safe():
     assert inference.max_queued_images >= limits.max_images_per_request
 
 
+def test_default_models_configuration():
+    assert InferenceConfig.from_environ({}).default_models == {"classification": "cnn"}
+    config = InferenceConfig.from_environ({"VISIONSERVE_DEFAULT_MODELS": " classification = resnet, segmentation=segnet"})
+    assert config.default_models == {"classification": "resnet", "segmentation": "segnet"}
+    assert InferenceConfig.from_environ({"VISIONSERVE_DEFAULT_MODELS": ""}).default_models == {}
+    for bad in ("resnet", "classification=", "colouring=x", "classification=a,classification=b"):
+        with pytest.raises(ValueError, match="DEFAULT_MODELS"):
+            InferenceConfig.from_environ({"VISIONSERVE_DEFAULT_MODELS": bad})
+
+
 def test_limits_and_threads_come_from_the_environment():
     config = ServingConfig.from_environ({"VISIONSERVE_MAX_IMAGES": "7", "VISIONSERVE_WORKERS": "2",
                                          "VISIONSERVE_THREADS": "1", "VISIONSERVE_BATCHING": "off"})

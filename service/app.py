@@ -104,6 +104,9 @@ async def tune_gc_after_startup(app: Starlette) -> AsyncIterator[None]:
 
 def build_front() -> Starlette:
     """The ASGI app mounted into the service; holds routing only, no state."""
+    def max_body_bytes() -> int:  # one reading of the limit for both middlewares
+        return current_service().config.limits.max_body_bytes
+
     any_method = ["GET", "POST", "PUT", "PATCH", "DELETE"]
     return Starlette(
         routes=[
@@ -122,9 +125,8 @@ def build_front() -> Starlette:
         middleware=[Middleware(AdmissionLimit,
                                max_in_flight=lambda: current_service().config.inference.max_in_flight_requests,
                                retry_after=lambda: current_service().config.inference.retry_after_seconds,
-                               max_body_bytes=lambda: current_service().config.limits.max_body_bytes),
-                    Middleware(RequestBodyLimit,
-                               max_body_bytes=lambda: current_service().config.limits.max_body_bytes)],
+                               max_body_bytes=max_body_bytes),
+                    Middleware(RequestBodyLimit, max_body_bytes=max_body_bytes)],
         exception_handlers=EXCEPTION_HANDLERS,
         lifespan=tune_gc_after_startup,
     )

@@ -177,7 +177,7 @@ def training_record(run: Run) -> dict:
     config, record, run_metrics = run.record["config"], run.record, run.metrics
     return {
         "command": command_for(config), "seed": config["seed"], "config": config,
-        "data_files": record["data_files"], "hardware": record["hardware"],
+        "data_files": record["data_files"], "hardware": record["hardware"], "sessions": record.get("sessions"),
         "bf16_autocast": record["bf16_autocast"], "wall_seconds": round(run_metrics["wall_seconds"], 1),
         "seconds_per_epoch": round(run_metrics["seconds_per_epoch"], 1), "epochs": len(run_metrics["history"]),
         "best_epoch": run_metrics["best_epoch"], "best_val_acc": run_metrics["best_val_acc"],

@@ -91,7 +91,7 @@ def build_card(name: str, graph: GeneratorGraph, record: dict, run_metrics: dict
                     **metrics},
         "training": {
             "command": command_for(config), "seed": config["seed"], "config": config,
-            "data_files": record["data_files"], "hardware": record["hardware"],
+            "data_files": record["data_files"], "hardware": record["hardware"], "sessions": record.get("sessions"),
             "wall_seconds": round(run_metrics["wall_seconds"], 1),
             "seconds_per_epoch": round(run_metrics["seconds_per_epoch"], 1), "epochs": run_metrics["epochs"],
             "final_losses": {k: run_metrics["history"][-1][k] for k in ("loss_d", "loss_g", "d_real", "d_fake")},

@@ -196,7 +196,7 @@ def build_card(name: str, graph: SegmenterGraph, best: dict, record: dict, run_m
                     **metrics},
         "training": {
             "command": command_for(config), "seed": config["seed"], "config": config,
-            "data_files": record["data_files"], "hardware": record["hardware"],
+            "data_files": record["data_files"], "hardware": record["hardware"], "sessions": record.get("sessions"),
             "bf16_autocast": record["bf16_autocast"], "wall_seconds": round(run_metrics["wall_seconds"], 1),
             "seconds_per_epoch": round(run_metrics["seconds_per_epoch"], 1), "epochs": len(run_metrics["history"]),
             "best_epoch": run_metrics["best_epoch"], "best_val_miou": run_metrics["best_val_miou"],

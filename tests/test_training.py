@@ -50,8 +50,15 @@ def test_resume_continues_an_interrupted_run(tmp_path):
     stopped = train(tmp_path / "part", *flags, "--stop-after", "2")
     assert not (stopped / "metrics.json").exists()
     assert torch.load(stopped / "last.pt", weights_only=False)["epoch"] == 2
+    # The first two epochs ran "elsewhere": a resumed run keeps where each stretch of epochs ran.
+    record = json.loads((stopped / "config.json").read_text())
+    assert record["sessions"] == [{"first_epoch": 1, "hardware": record["hardware"],
+                                   "bf16_autocast": record["bf16_autocast"], "channels_last": record["channels_last"]}]
+    (stopped / "config.json").write_text(json.dumps(record | {"hardware": "CPU elsewhere", "sessions": None}))
     resumed = main(parse_args(["--resume", str(stopped), "--no-progress"]))
     assert resumed == stopped
+    sessions = json.loads((resumed / "config.json").read_text())["sessions"]
+    assert [(s["first_epoch"], s["hardware"]) for s in sessions] == [(1, "CPU elsewhere"), (3, record["hardware"])]
     metrics = json.loads((resumed / "metrics.json").read_text())
     # Per-epoch seeding and the saved optimiser/scheduler state make the resumed epoch the same epoch.
     assert [h["epoch"] for h in metrics["history"]] == [1, 2, 3]

@@ -159,6 +159,26 @@ def cpu_has_bf16() -> bool:
     return "avx512_bf16" in flags or "amx_bf16" in flags
 
 
+def write_run_record(run_dir: Path, record: dict, first_epoch: int) -> dict:
+    """Write config.json. A run resumed elsewhere (another machine, bf16 on or off) keeps where each stretch of
+    epochs ran under "sessions": [{first_epoch, hardware, bf16_autocast, channels_last}], oldest first; the
+    top-level "hardware" is the latest. Returns the record as written."""
+    path = run_dir / "config.json"
+    sessions = []
+    if first_epoch > 1 and path.exists():
+        previous = json.loads(path.read_text())
+        sessions = previous.get("sessions") or [session_of(previous, 1)]
+    sessions = [s for s in sessions if s["first_epoch"] < first_epoch] + [session_of(record, first_epoch)]
+    record = record | {"sessions": sessions}
+    path.write_text(json.dumps(record, indent=2))
+    return record
+
+
+def session_of(record: dict, first_epoch: int) -> dict:
+    return {"first_epoch": first_epoch, "hardware": record.get("hardware"),
+            "bf16_autocast": record.get("bf16_autocast"), "channels_last": record.get("channels_last")}
+
+
 def hardware_description(device: torch.device) -> str:
     if device.type == "cuda":
         return f"CUDA {torch.cuda.get_device_name(device)}"
@@ -393,7 +413,7 @@ def main(args: argparse.Namespace) -> Path:
         "channels_last": setup.channels_last, "torch": torch.__version__, "dry_run": args.dry_run,
         "init_from_sha256": init_from_sha256,
     }
-    (run_dir / "config.json").write_text(json.dumps(record, indent=2))
+    record = write_run_record(run_dir, record, start_epoch)
     print(f"run {run_dir}: {config['model']} with {record['parameters']:,} parameters on {record['hardware']}"
           f"{' (bf16 autocast)' if setup.use_bf16 else ''}", flush=True)
 

@@ -29,7 +29,7 @@ from training.data import load_dataset
 from training.models import count_parameters
 from training.models.dcgan import DCGANConfig, Discriminator, Generator, initialise_dcgan
 from training.plots import plot_gan_curves, save_image_grid
-from training.train import hardware_description, new_run_dir, pick_device
+from training.train import hardware_description, new_run_dir, pick_device, write_run_record
 
 DEFAULTS = dict(
     model="dcgan", dataset="fashion-mnist", data_dir=None, epochs=20, batch_size=128, lr_g=2e-4, lr_d=2e-4,
@@ -226,7 +226,7 @@ def main(args: argparse.Namespace) -> Path:
         "data_files": train.files, "label_names": train.label_names, "splits": {"train": len(train)},
         "hardware": hardware_description(device), "torch": torch.__version__, "dry_run": args.dry_run,
     }
-    (run_dir / "config.json").write_text(json.dumps(record, indent=2))
+    record = write_run_record(run_dir, record, start_epoch)
     print(f"run {run_dir}: generator {record['parameters']['generator']:,} and discriminator "
           f"{record['parameters']['discriminator']:,} parameters on {record['hardware']}", flush=True)
 

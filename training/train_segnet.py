@@ -37,7 +37,7 @@ from training.scenes import (ITEM_THRESHOLD, MAX_ITEMS, SCALE_RANGE, STATS_SCENE
                              TEST_SCENES, VAL_SCENE_SEED_OFFSET, Scenes, fixed_test_scenes, make_scenes,
                              scene_label_names, write_example_sheet)
 from training.train import (cpu_has_bf16, hardware_description, make_optimizer, make_scheduler, new_run_dir,
-                            pick_device, uses_channels_last)
+                            pick_device, uses_channels_last, write_run_record)
 
 # Every setting a run records. Presets override these; explicit flags override presets.
 DEFAULTS = dict(
@@ -280,7 +280,7 @@ def main(args: argparse.Namespace) -> Path:
         "channels_last": setup.channels_last, "torch": torch.__version__, "dry_run": args.dry_run,
         "command": command_for(config),
     }
-    (run_dir / "config.json").write_text(json.dumps(record, indent=2))
+    record = write_run_record(run_dir, record, start_epoch)
     if state is None:
         write_example_sheet(run_dir / "scenes.png", make_scenes(train_items, 8, epoch_scene_seed(config["seed"], 1),
                                                                 height, width), label_names, 8,

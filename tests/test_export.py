@@ -11,8 +11,9 @@ import torch
 from export import classifier as export_classifier
 from export import evaluate
 from export.onnx_io import ParityError
-from training.data import load_dataset
+from training.data import load_dataset, train_val_split
 from training.train import main as train_main
+from training.train import split_seed
 from training.train import parse_args as train_args
 
 
@@ -124,6 +125,20 @@ def test_choose_tta_picks_the_best_on_validation_and_records_it(digits_run, tmp_
     best = max(scores.values())
     chosen = [k for k, v in export_classifier.TTA_DESCRIPTIONS.items() if v == card["input"]["test_time_augmentation"]]
     assert chosen and scores[chosen[0]] == best
+
+
+def test_tta_validation_scores_match_the_graph_with_those_views(digits_run):
+    """validation_accuracy_by_tta runs each view once; its scores must be what the exported graph itself gets."""
+    graph, (run,) = export_classifier.load_runs([digits_run])
+    config = run.record["config"]
+    scores = export_classifier.validation_accuracy_by_tta(graph, config)
+    _, val = train_val_split(load_dataset(config["dataset"], "train", None), config["val_fraction"],
+                             split_seed(config))
+    for tta in export_classifier.TTA_VIEWS:
+        graph.tta = tta
+        with torch.no_grad():
+            correct = int((graph(val.images)[0].argmax(1) == val.labels).sum())
+        assert scores[tta] == correct / len(val), tta
 
 
 @pytest.fixture(scope="module")

@@ -66,16 +66,12 @@ class ClassifierGraph(nn.Module):
         # Test-time augmentation lives inside the graph so that every client gets it and no preprocessing
         # is written twice. Views are cut from the raw pixels padded with the background value 0.
         raw = pixels.to(torch.float32)
-        height, width = raw.shape[2], raw.shape[3]
-        padded = nn.functional.pad(raw, (1, 1, 1, 1)) if self.tta == "flip-shift" else raw
+        padded = nn.functional.pad(raw, (1, 1, 1, 1)) if self.tta == "flip-shift" else None
         probabilities = None
         features = [None] * len(self.members)
         views = TTA_VIEWS[self.tta]
         for dy, dx, flip in views:
-            view = padded[:, :, 1 + dy:1 + dy + height, 1 + dx:1 + dx + width] if self.tta == "flip-shift" else raw
-            if flip:
-                view = torch.flip(view, dims=[3])
-            x = (view / 255.0 - self.mean) / self.std  # same arithmetic as training.data.normalise
+            x = self.normalised_view(raw, padded, dy, dx, flip)
             for k, member in enumerate(self.members):
                 f = member.forward_features(x)
                 p = torch.softmax(member.classifier(f), dim=1)
@@ -84,14 +80,21 @@ class ClassifierGraph(nn.Module):
         embedding = torch.cat(features, dim=1) if len(features) > 1 else features[0]
         return probabilities / (len(views) * len(self.members)), embedding / len(views)
 
+    def normalised_view(self, raw: torch.Tensor, padded: torch.Tensor | None, dy: int, dx: int,
+                        flip: bool) -> torch.Tensor:
+        """One view of float pixels `raw`, cut from `padded` (raw with a one-pixel border of 0; None when no
+        view is shifted), mirrored if asked, normalised as training.data.normalise does."""
+        height, width = raw.shape[2], raw.shape[3]
+        view = raw if padded is None else padded[:, :, 1 + dy:1 + dy + height, 1 + dx:1 + dx + width]
+        if flip:
+            view = torch.flip(view, dims=[3])
+        return (view / 255.0 - self.mean) / self.std
+
     def view_probabilities(self, pixels: torch.Tensor, dy: int, dx: int, flip: bool) -> torch.Tensor:
         """The members' mean probabilities for one view (a TTA_VIEWS entry), cut as forward cuts it."""
         raw = pixels.to(torch.float32)
-        height, width = raw.shape[2], raw.shape[3]
-        view = nn.functional.pad(raw, (1, 1, 1, 1))[:, :, 1 + dy:1 + dy + height, 1 + dx:1 + dx + width]
-        if flip:
-            view = torch.flip(view, dims=[3])
-        x = (view / 255.0 - self.mean) / self.std
+        padded = nn.functional.pad(raw, (1, 1, 1, 1)) if dy or dx else None
+        x = self.normalised_view(raw, padded, dy, dx, flip)
         return sum(torch.softmax(m.classifier(m.forward_features(x)), dim=1) for m in self.members) / len(self.members)
 
 
@@ -152,12 +155,11 @@ def validation_accuracy_by_tta(graph: ClassifierGraph, config: dict) -> dict[str
     _, val = train_val_split(full, config["val_fraction"], split_seed(config))
     views = sorted({view for entry in TTA_VIEWS.values() for view in entry})
     correct = dict.fromkeys(TTA_VIEWS, 0)
-    with torch.no_grad():
-        for i in range(0, len(val), 1000):
-            images, labels = val.images[i:i + 1000], val.labels[i:i + 1000]
-            by_view = {view: graph.view_probabilities(images, *view) for view in views}
-            for tta, entry in TTA_VIEWS.items():
-                correct[tta] += int((sum(by_view[view] for view in entry).argmax(1) == labels).sum())
+    for i in range(0, len(val), 1000):  # under @torch.no_grad()
+        images, labels = val.images[i:i + 1000], val.labels[i:i + 1000]
+        by_view = {view: graph.view_probabilities(images, *view) for view in views}
+        for tta, entry in TTA_VIEWS.items():
+            correct[tta] += int((sum(by_view[view] for view in entry).argmax(1) == labels).sum())
     return {tta: count / len(val) for tta, count in correct.items()}
 
 

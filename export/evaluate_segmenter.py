@@ -10,6 +10,14 @@ only). It also asks what the issue asks in words: is each placed item labelled w
 of its visible pixels, and does background stay background. It shares no code with the exporter's metric
 path (the IoU arithmetic is written again here), so it catches a card that claims more than the graph does.
 Writes segmentation_evaluation.json and .md; exits 1 when a gate below is missed.
+
+    python -m export.evaluate_segmenter --models models --reference-classifier models/resnet
+
+adds a reference row that no segmenter is asked to beat but that says how hard the gates are: the same test
+scenes with *perfect outlines* (the true instance map) and each visible item labelled with the class a
+released classifier gives its whole, unoccluded, unscaled 28x28 source image. A segmenter sees less than
+that classifier (items occluded, rescaled, beside others), so the reference's mIoU is roughly a ceiling for a
+segmenter that classifies items as well as that classifier does.
 """
 
 from __future__ import annotations
@@ -24,7 +32,7 @@ import numpy as np
 import onnxruntime as ort
 
 from training.data import load_dataset
-from training.scenes import TEST_SCENE_SEED, TEST_SCENES, fixed_test_scenes, make_scenes
+from training.scenes import SCENE_LABELS, TEST_SCENE_SEED, TEST_SCENES, fixed_test_scenes, make_scenes
 
 # Release gates (issue 4) over the 11 classes of the fixed test scenes.
 MIOU_GATE = 0.85
@@ -65,6 +73,39 @@ def item_coverage(scenes, predicted: np.ndarray) -> dict:
     return {"items": int(len(shares)), "mean_own_class_share": float(shares.mean()),
             "items_mostly_right": float(np.mean(shares > 0.5)),
             "background_kept": float(np.mean(predicted[background] == 0))}
+
+
+def instance_labels(scenes, item_classes: np.ndarray) -> np.ndarray:
+    """A label map from the scenes' true instance maps, each slot t painted item_classes[items[n, t]] + 1."""
+    items = scenes.items.numpy()
+    lookup = np.zeros((len(items), items.shape[1] + 1), dtype=np.int64)   # slot 0 is background
+    lookup[:, 1:] = np.where(items >= 0, item_classes[np.clip(items, 0, None)] + 1, 0)
+    instances = scenes.instances.numpy().reshape(len(items), -1).astype(np.int64)
+    return np.take_along_axis(lookup, instances, axis=1).reshape(scenes.masks.shape).astype(np.uint8)
+
+
+def classifier_reference(classifier_dir: Path, test_items, test, labels: list[str]) -> dict:
+    """Perfect outlines, each item labelled by `classifier_dir`'s graph on its own 28x28 source image."""
+    card = json.loads((classifier_dir / "card.json").read_text())
+    session = ort.InferenceSession(str(classifier_dir / "model.onnx"), providers=["CPUExecutionProvider"])
+    used = np.unique(test.items.numpy()[test.items.numpy() >= 0])
+    images = test_items.images.numpy()
+    predicted_classes = np.full(len(images), -1, dtype=np.int64)
+    for i in range(0, len(used), 500):
+        chunk = used[i:i + 500]
+        predicted_classes[chunk] = session.run(["probabilities"], {"pixels": images[chunk]})[0].argmax(1)
+    true_classes = test_items.labels.numpy()
+    # The same painting with the true classes must give back the scenes' own masks, or the reference is wrong.
+    if not np.array_equal(instance_labels(test, true_classes), test.masks.numpy()):
+        raise AssertionError("instance map painted with the true classes does not reproduce the test masks")
+    reference = instance_labels(test, predicted_classes)
+    ious, miou, pixel_accuracy = iou_scores(test.masks.numpy(), reference, len(labels))
+    return {"name": f"reference: true outlines, {card['name']} {card['version']} labels each item",
+            "classifier": card["name"], "classifier_version": card["version"],
+            "items_classified": int(len(used)),
+            "item_accuracy": float(np.mean(predicted_classes[used] == true_classes[used])),
+            "scenes": int(len(test)), "miou": miou, "pixel_accuracy": pixel_accuracy,
+            "per_class_iou": dict(zip(labels, ious)), **item_coverage(test, reference)}
 
 
 def evaluate_segmenter(model_dir: Path, data_dir: str | None = None, scenes: int = TEST_SCENES) -> dict:
@@ -144,6 +185,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--models", default="models")
     p.add_argument("--out", default="benchmarks/results")
     p.add_argument("--data-dir", help="MNIST-format folder instead of the default Fashion-MNIST location")
+    p.add_argument("--reference-classifier", metavar="MODEL_DIR",
+                   help="also measure true outlines labelled by this released classifier (see above)")
     return p.parse_args(argv)
 
 
@@ -155,6 +198,16 @@ def main(args: argparse.Namespace) -> list[dict]:
     out.mkdir(parents=True, exist_ok=True)
     (out / "segmentation_evaluation.json").write_text(json.dumps(results, indent=2) + "\n")
     table = markdown_table(results)
+    if args.reference_classifier:
+        test_items = load_dataset("fashion-mnist", "test", args.data_dir)
+        test = fixed_test_scenes(TEST_SCENES, TEST_SCENE_SEED, test=test_items)
+        reference = classifier_reference(Path(args.reference_classifier), test_items, test, SCENE_LABELS)
+        (out / "segmentation_reference.json").write_text(json.dumps(reference, indent=2) + "\n")
+        table += (f"\n{reference['name']} (item accuracy {reference['item_accuracy']:.4f} on "
+                  f"{reference['items_classified']:,} source images): mIoU {reference['miou']:.4f}, pixel accuracy "
+                  f"{reference['pixel_accuracy']:.4f}, items mostly right {reference['items_mostly_right']:.4f}\n"
+                  "\n| class | IoU |\n|---|---:|\n"
+                  + "".join(f"| {k} | {v:.4f} |\n" for k, v in reference["per_class_iou"].items()))
     (out / "segmentation_evaluation.md").write_text(
         "Measured by `python -m export.evaluate_segmenter` on the 2,000 fixed test scenes.\n\n" + table)
     print(table)

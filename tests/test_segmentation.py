@@ -126,6 +126,45 @@ def test_release_preset_size_and_registries():
     assert set(SEGMENTERS) == {"segnet"} and not set(SEGMENTERS) & set(CLASSIFIERS)
     assert command_for(config) == "python -m training.train_segnet --preset release-segnet --seed 0"
     assert "release-segnet" in PRESETS
+    wide = resolve_config(train_args(["--preset", "release-segnet-wide"]))
+    model, _ = build_segmenter("segnet", widths=wide["widths"], convs_per_stage=wide["convs_per_stage"])
+    # Under 2.5M parameters keeps the exported graph under evaluate_segmenter's 10 MB file cap.
+    assert count_parameters(model) == 2_175_979 and model.stride == 16 and wide["epochs"] == 40
+
+
+def test_reference_paints_each_visible_item_with_its_class(splits):
+    _, test = splits
+    scenes = make_scenes(test, 30, seed=11)
+    true_classes = test.labels.numpy()
+    assert np.array_equal(evaluate_segmenter.instance_labels(scenes, true_classes), scenes.masks.numpy())
+    # Every item called a Bag (class 8, label 9): foreground becomes all 9, background stays 0.
+    bags = evaluate_segmenter.instance_labels(scenes, np.full_like(true_classes, 8))
+    foreground = scenes.masks.numpy() > 0
+    assert (bags[foreground] == 9).all() and (bags[~foreground] == 0).all()
+    # Relabel only the last slot of the first scene: only its visible pixels change.
+    items = scenes.items[0].numpy()
+    last = int(np.flatnonzero(items >= 0)[-1])
+    moved = true_classes.copy()
+    moved[items[last]] = (true_classes[items[last]] + 1) % 10
+    painted = evaluate_segmenter.instance_labels(scenes, moved)
+    changed = painted != scenes.masks.numpy()
+    assert np.array_equal(changed[0], scenes.instances[0].numpy() == last + 1) and not changed[1:].any()
+
+
+def test_classifier_reference_with_a_released_classifier(splits):
+    from pathlib import Path
+    from training.scenes import SCENE_LABELS
+    cnn = Path("models/cnn")
+    if not (cnn / "model.onnx").is_file():
+        pytest.skip("no released CNN in models/cnn")
+    _, test = splits
+    scenes = make_scenes(test, 60, seed=12)
+    reference = evaluate_segmenter.classifier_reference(cnn, test, scenes, SCENE_LABELS)
+    assert reference["per_class_iou"]["background"] == 1.0  # true outlines: background is exact
+    assert reference["items_classified"] == len(np.unique(scenes.items.numpy()[scenes.items.numpy() >= 0]))
+    # A released classifier (93.5% on the test split) labels most items right, and mIoU follows from that.
+    assert 0.8 < reference["item_accuracy"] <= 1.0 and 0.6 < reference["miou"] <= 1.0
+    assert reference["pixel_accuracy"] > 0.9
 
 
 # --- training and export ----------------------------------------------------------------------------

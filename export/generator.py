@@ -6,7 +6,8 @@ The graph is the whole generator: z float32 [N, Z] and label int64 [N] in, pixel
 (tanh -> [0, 255], rounded, inside the graph), batch dynamic. Before anything is written the graph must
 pass onnx.checker and agree with PyTorch within one grey level on 2,000 samples; the card's metrics are
 then measured on the exported graph by export.evaluate_generator (the judge's class consistency, feature
-FID and its floor), and a sample grid is saved beside it.
+FID and its floor), and a sample grid is saved beside it. A run trained with --ema-decay exports its
+averaged generator; --live-weights exports the live one instead, for comparing the two.
 """
 
 from __future__ import annotations
@@ -43,8 +44,11 @@ class GeneratorGraph(nn.Module):
         return to_uint8(self.generator(z, label))
 
 
-def load_run(run_dir: Path) -> tuple[GeneratorGraph, dict, dict, dict]:
+def load_run(run_dir: Path, live_weights: bool = False) -> tuple[GeneratorGraph, dict, dict, dict]:
     saved = torch.load(run_dir / "generator.pt", map_location="cpu", weights_only=False)
+    saved.setdefault("weights", "live")  # runs from before --ema-decay
+    if live_weights and saved["weights"] != "live":
+        saved = {**saved, "generator": saved["generator_live"], "weights": "live"}
     generator = Generator(DCGANConfig(**saved["model_config"]))
     generator.load_state_dict(saved["generator"])
     graph = GeneratorGraph(generator.eval()).eval()
@@ -69,7 +73,7 @@ def check_parity(graph: GeneratorGraph, session, samples: int) -> dict:
 
 
 def build_card(name: str, graph: GeneratorGraph, record: dict, run_metrics: dict, metrics: dict, parity: dict,
-               opset: int, run_dir: Path) -> dict:
+               opset: int, run_dir: Path, weights: str = "live") -> dict:
     cfg = graph.generator.cfg
     config = record["config"]
     return {
@@ -95,7 +99,7 @@ def build_card(name: str, graph: GeneratorGraph, record: dict, run_metrics: dict
             "wall_seconds": round(run_metrics["wall_seconds"], 1),
             "seconds_per_epoch": round(run_metrics["seconds_per_epoch"], 1), "epochs": run_metrics["epochs"],
             "final_losses": {k: run_metrics["history"][-1][k] for k in ("loss_d", "loss_g", "d_real", "d_fake")},
-            "run": run_dir.name,
+            "run": run_dir.name, "weights": weights,
         },
         "parity": parity,
         "export": {"exporter": "torch.onnx.export(dynamo=True, external_data=False)", "opset": opset,
@@ -111,13 +115,15 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--judge", default="models/resnet", help="the released classifier whose scores go on the card")
     p.add_argument("--per-class", type=int, default=SAMPLES_PER_CLASS, help="samples per class for the metrics")
     p.add_argument("--parity-samples", type=int, default=2000)
+    p.add_argument("--live-weights", action="store_true",
+                   help="for a run trained with --ema-decay: export the live generator, not the averaged one")
     p.add_argument("--dry-run", action="store_true", help="check parity and print the card without writing")
     return p.parse_args(argv)
 
 
 def main(args: argparse.Namespace) -> dict:
     run_dir = Path(args.run)
-    graph, saved, record, run_metrics = load_run(run_dir)
+    graph, saved, record, run_metrics = load_run(run_dir, args.live_weights)
     cfg = graph.generator.cfg
     example = (torch.zeros(2, cfg.z_dim), torch.zeros(2, dtype=torch.long))
     batch = torch.export.Dim("batch", min=1, max=65536)
@@ -131,8 +137,9 @@ def main(args: argparse.Namespace) -> dict:
     metrics = {**scores, "judge": {"name": judge_card["name"], "version": judge_card.get("version"),
                                    "sha256": judge_card["sha256"], "test_accuracy": judge_card["metrics"]["accuracy"]},
                "passes_gates": all(gates(scores).values())}
-    card = build_card(args.name, graph, record, run_metrics, metrics, parity, opset_of(model_bytes), run_dir)
-    print(f"{args.name}: parity max {parity['max_abs_grey_level_diff']} grey level(s); class consistency "
+    card = build_card(args.name, graph, record, run_metrics, metrics, parity, opset_of(model_bytes), run_dir,
+                      saved["weights"])
+    print(f"{args.name} ({saved['weights']} weights): parity max {parity['max_abs_grey_level_diff']} grey level(s); class consistency "
           f"{scores['class_consistency']:.2%}; feature FID {scores['feature_fid']:.3f} vs floor "
           f"{scores['feature_fid_floor']:.4f} ({scores['fid_to_floor_ratio']:.2f}x; mirrored real images "
           f"{scores['reference_mirrored_train_fid']:.4f}, {scores['reference_mirrored_train_ratio']:.2f}x); "

@@ -9,8 +9,9 @@ import pytest
 import torch
 
 from export.evaluate_generator import evaluation_inputs, frechet_distance
+from export.generator import load_run
 from training.models.dcgan import DCGANConfig, Discriminator, Generator, initialise_dcgan
-from training.train_dcgan import grid_inputs, main, parse_args, to_uint8
+from training.train_dcgan import grid_inputs, main, parse_args, refresh_batch_norm, to_uint8, update_average
 
 TINY = ["--g-width", "8", "--d-width", "8", "--embed-dim", "10", "--batch-size", "16"]
 
@@ -172,3 +173,44 @@ def test_auxiliary_class_head_learns_and_pushes_the_generator(tmp_path):
     state = torch.load(run / "last.pt", map_location="cpu", weights_only=False)
     assert "classify.weight" in state["discriminator"] and state["config"]["aux_weight"] == 1.0
     assert "--aux-weight 1.0" in json.loads((run / "config.json").read_text())["command"]
+
+
+def test_weight_average_and_its_batch_norm_statistics():
+    live, _ = tiny_models(0)
+    average, _ = tiny_models(1)
+    before = [p.detach().clone() for p in average.parameters()]
+    update_average(average, live, 0.75)
+    for b, p, a in zip(before, live.parameters(), average.parameters()):
+        torch.testing.assert_close(a, 0.75 * b + 0.25 * p)
+    # One batch with a cumulative mean: the first batch norm's running mean is exactly that batch's mean.
+    norm = next(m for m in average.modules() if isinstance(m, torch.nn.BatchNorm2d))
+    seen = []
+    handle = norm.register_forward_hook(lambda module, inputs, output: seen.append(inputs[0].detach().clone()))
+    refresh_batch_norm(average, average.cfg, batches=1, batch_size=32, seed=7, device=torch.device("cpu"))
+    handle.remove()
+    torch.testing.assert_close(norm.running_mean, seen[0].mean((0, 2, 3)))
+    assert norm.momentum == 0.1 and not average.training
+
+
+def test_ema_run_saves_the_average_and_resumes_it(tmp_path):
+    full = train(tmp_path / "full", "--epochs", "2", "--seed", "4", "--ema-decay", "0.5")
+    saved = torch.load(full / "generator.pt", weights_only=False)
+    assert saved["weights"] == "ema" and saved["config"]["ema_decay"] == 0.5
+    assert not all(torch.equal(saved["generator"][k], saved["generator_live"][k]) for k in saved["generator"])
+    assert "--ema-decay 0.5" in json.loads((full / "config.json").read_text())["command"]
+    stopped = train(tmp_path / "part", "--epochs", "2", "--seed", "4", "--ema-decay", "0.5", "--stop-after", "1")
+    resumed = torch.load(main(parse_args(["--resume", str(stopped), "--no-progress", "--dry-run"])) / "generator.pt",
+                         weights_only=False)
+    assert all(torch.equal(saved["generator"][k], resumed["generator"][k]) for k in saved["generator"])
+    # The exporter takes the average by default and the live generator when asked.
+    graph, _, _, _ = load_run(full)
+    live_graph, live_saved, _, _ = load_run(full, live_weights=True)
+    assert live_saved["weights"] == "live"
+    for key, value in graph.generator.state_dict().items():
+        assert torch.equal(value, saved["generator"][key]) and torch.equal(live_graph.generator.state_dict()[key],
+                                                                          saved["generator_live"][key])
+    z, labels = torch.randn(4, 100), torch.arange(4)
+    with torch.no_grad():
+        assert not torch.equal(graph(z, labels), live_graph(z, labels))
+    with pytest.raises(SystemExit):
+        train(tmp_path / "bad", "--epochs", "1", "--ema-decay", "1.0")

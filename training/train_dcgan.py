@@ -9,11 +9,18 @@ generator + config, what export/generator.py reads), last.pt (everything --resum
 samples/epoch_NNN.png: a 10x10 grid from fixed noise, one row per class, after every epoch (samples.png is
 the latest). A GAN has no validation loss to choose an epoch by; the generator is judged after training,
 by export/evaluate_generator.py (the released ResNet's class consistency and a feature FID).
+
+--ema-decay D keeps an exponential moving average of the generator's weights after every generator step
+(Yazici et al. 2019, "The Unusual Effectiveness of Averaging in GAN Training"); its batch-norm statistics
+are recomputed for the averaged weights at the end of every epoch. generator.pt and the grids then hold
+the averaged generator, and generator.pt keeps the live one as `generator_live` (export.generator
+--live-weights), so one run gives both sides of the comparison.
 """
 
 from __future__ import annotations
 
 import argparse
+import copy
 import json
 import math
 import time
@@ -34,7 +41,7 @@ from training.train import hardware_description, new_run_dir, pick_device, write
 DEFAULTS = dict(
     model="dcgan", dataset="fashion-mnist", data_dir=None, epochs=20, batch_size=128, lr_g=2e-4, lr_d=2e-4,
     beta1=0.5, beta2=0.999, z_dim=100, embed_dim=50, g_width=64, d_width=64, augment="flip", aux_weight=0.0,
-    seed=0,
+    ema_decay=0.0, seed=0,
 )
 
 PRESETS = {
@@ -50,7 +57,14 @@ PRESETS = {
     # head assigns to the class asked for.
     "release-dcgan-ac": dict(epochs=20, batch_size=128, lr_g=2e-4, lr_d=2e-4, beta1=0.5, g_width=64, d_width=64,
                              augment="flip", aux_weight=1.0),
+    # release-dcgan-ac judged 97.0% consistent but 36.7x the FID floor after 15 epochs: its samples are
+    # recognisable but not as varied as real garments. Averaging the generator's weights is the cheapest
+    # known FID improvement; 0.999 averages over about the last 1,000 of the 469 steps per epoch.
+    "release-dcgan-ac-ema": dict(epochs=20, batch_size=128, lr_g=2e-4, lr_d=2e-4, beta1=0.5, g_width=64,
+                                 d_width=64, augment="flip", aux_weight=1.0, ema_decay=0.999),
 }
+
+EMA_BN_BATCHES = 40  # batches of 128 fresh (z, class) pairs that re-estimate the averaged generator's BN stats
 
 GRID_NOISE_SEED = 1234  # the fixed noise behind every epoch's sample grid, the same for every run
 
@@ -73,6 +87,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--augment", choices=["none", "flip"])
     p.add_argument("--aux-weight", type=float, help="AC-GAN: weight of the discriminator's class loss on real "
                    "images and of the generator's on its samples (0: off, no class head)")
+    p.add_argument("--ema-decay", type=float, help="keep a moving average of the generator's weights with this "
+                   "decay per generator step, and save it as the generator (0: off)")
     p.add_argument("--seed", type=int)
     p.add_argument("--device", default="auto", help="auto, cpu or cuda")
     p.add_argument("--out", default="runs", help="runs are written to OUT/dcgan/<stamp>/")
@@ -116,8 +132,37 @@ def grid_inputs(cfg: DCGANConfig, device: torch.device) -> tuple[torch.Tensor, t
     return z.to(device), labels.to(device)
 
 
+@torch.no_grad()
+def update_average(average: Generator, live: Generator, decay: float) -> None:
+    """average <- decay * average + (1 - decay) * live, parameter by parameter (buffers: refresh_batch_norm)."""
+    torch._foreach_lerp_(list(average.parameters()), list(live.parameters()), 1.0 - decay)
+
+
+@torch.no_grad()
+def refresh_batch_norm(generator: Generator, cfg: DCGANConfig, batches: int, batch_size: int, seed: int,
+                       device: torch.device) -> None:
+    """Batch-norm running statistics that belong to `generator`'s own weights: the live generator's were
+    gathered under other weights, so averaged weights re-estimate them over fresh noise and classes (an
+    equal-weight mean over `batches`, as torch.optim.swa_utils.update_bn does)."""
+    norms = [m for m in generator.modules() if isinstance(m, torch.nn.modules.batchnorm._BatchNorm)]
+    momenta = [m.momentum for m in norms]
+    for m in norms:
+        m.reset_running_stats()
+        m.momentum = None  # cumulative average
+    rng = torch.Generator().manual_seed(seed)
+    generator.train()
+    for _ in range(batches):
+        z = torch.randn(batch_size, cfg.z_dim, generator=rng)
+        labels = torch.randint(0, cfg.num_classes, (batch_size,), generator=rng)
+        generator(z.to(device), labels.to(device))
+    for m, momentum in zip(norms, momenta):
+        m.momentum = momentum
+    generator.eval()
+
+
 def train_epoch(config: dict, generator: Generator, discriminator: Discriminator, optimizers: dict, images: torch.Tensor,
-                labels: torch.Tensor, epoch: int, device: torch.device, max_batches: int | None, progress: bool) -> dict:
+                labels: torch.Tensor, epoch: int, device: torch.device, max_batches: int | None, progress: bool,
+                average: Generator | None = None) -> dict:
     """One pass over the data: a discriminator step then a generator step per batch (non-saturating loss)."""
     generator.train()
     discriminator.train()
@@ -157,6 +202,8 @@ def train_epoch(config: dict, generator: Generator, discriminator: Discriminator
         optimizers["g"].zero_grad(set_to_none=True)
         loss_g.backward()
         optimizers["g"].step()
+        if average is not None:
+            update_average(average, generator, config["ema_decay"])
 
         sums["loss_d"] += loss_d.item()
         sums["loss_g"] += loss_g.item()
@@ -205,6 +252,9 @@ def main(args: argparse.Namespace) -> Path:
     torch.manual_seed(config["seed"])
     generator, discriminator = Generator(cfg).to(device), Discriminator(cfg).to(device)
     initialise_dcgan(generator, discriminator)
+    ema_decay = config.get("ema_decay", 0.0)
+    if not 0.0 <= ema_decay < 1.0:
+        raise SystemExit(f"--ema-decay must be in [0, 1), got {ema_decay}")
     betas = (config["beta1"], config["beta2"])
     optimizers = {"g": torch.optim.Adam(generator.parameters(), lr=config["lr_g"], betas=betas),
                   "d": torch.optim.Adam(discriminator.parameters(), lr=config["lr_d"], betas=betas)}
@@ -218,6 +268,11 @@ def main(args: argparse.Namespace) -> Path:
         for key, optimizer in optimizers.items():
             optimizer.load_state_dict(state["optimizers"][key])
         history, start_epoch, wall_before = state["history"], state["epoch"] + 1, state["wall_seconds"]
+    average = None
+    if ema_decay:
+        average = copy.deepcopy(generator).requires_grad_(False)
+        if state is not None and "generator_ema" in state:
+            average.load_state_dict(state["generator_ema"])
     (run_dir / "samples").mkdir(exist_ok=True)
 
     record = {
@@ -234,16 +289,24 @@ def main(args: argparse.Namespace) -> Path:
     started = time.perf_counter()
     for epoch in range(start_epoch, config["epochs"] + 1):
         losses = train_epoch(config, generator, discriminator, optimizers, train.images, train.labels, epoch,
-                             device, max_batches, progress)
+                             device, max_batches, progress, average)
+        if average is not None:
+            refresh_batch_norm(average, cfg, 2 if args.dry_run else EMA_BN_BATCHES, config["batch_size"],
+                               config["seed"] * 1000 + epoch, device)
+        sampled = average if average is not None else generator
         wall = wall_before + time.perf_counter() - started
         history.append({"epoch": epoch, **losses, "wall_seconds": wall})
         grid_path = run_dir / "samples" / f"epoch_{epoch:03d}.png"
-        save_epoch_grid(generator, cfg, device, grid_path, f"epoch {epoch}: one row per class",
+        save_epoch_grid(sampled, cfg, device, grid_path, f"epoch {epoch}: one row per class"
+                        + (f", weights averaged (decay {ema_decay})" if average is not None else ""),
                         train.label_names)
         (run_dir / "samples.png").write_bytes(grid_path.read_bytes())
-        torch.save({"generator": generator.state_dict(), "model_config": asdict(cfg), "config": config,
+        averaged = {"generator_live": generator.state_dict()} if average is not None else {}
+        torch.save({"generator": sampled.state_dict(), "weights": "ema" if average is not None else "live",
+                    **averaged, "model_config": asdict(cfg), "config": config,
                     "label_names": train.label_names, "epoch": epoch}, run_dir / "generator.pt")
         torch.save({"generator": generator.state_dict(), "discriminator": discriminator.state_dict(),
+                    **({"generator_ema": average.state_dict()} if average is not None else {}),
                     "optimizers": {key: opt.state_dict() for key, opt in optimizers.items()}, "epoch": epoch,
                     "history": history, "config": config, "wall_seconds": wall}, run_dir / "last.pt")
         aux = (f"  class head real {losses['aux_real_acc']:.3f} generated {losses['aux_fake_acc']:.3f}"

@@ -160,7 +160,8 @@ def test_classifier_reference_with_a_released_classifier(splits):
     _, test = splits
     scenes = make_scenes(test, 60, seed=12)
     reference = evaluate_segmenter.classifier_reference(cnn, test, scenes, SCENE_LABELS)
-    assert reference["per_class_iou"]["background"] == 1.0  # true outlines: background is exact
+    # True outlines: background is exact, and so is garment against background.
+    assert reference["per_class_iou"]["background"] == 1.0 and reference["foreground_iou"] == 1.0
     assert reference["items_classified"] == len(np.unique(scenes.items.numpy()[scenes.items.numpy() >= 0]))
     # A released classifier (93.5% on the test split) labels most items right, and mIoU follows from that.
     assert 0.8 < reference["item_accuracy"] <= 1.0 and 0.6 < reference["miou"] <= 1.0
@@ -259,5 +260,6 @@ def test_independent_evaluation_agrees_with_the_card(exported):
     result = evaluate_segmenter.evaluate_segmenter(model_dir)
     assert result["miou"] == pytest.approx(card["metrics"]["miou"], abs=1e-5)
     assert result["non_square_shapes_ok"] and result["mask_is_argmax"] and result["batch_independent"]
+    assert 0.0 <= result["foreground_iou"] <= 1.0 and result["items"] > 0
     # An untrained dry-run model misses the release gates, and says so; nothing else is wrong with it.
     assert all("release gate" in p for p in result["problems"]) and len(result["problems"]) == 2

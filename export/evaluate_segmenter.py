@@ -18,6 +18,11 @@ scenes with *perfect outlines* (the true instance map) and each visible item lab
 released classifier gives its whole, unoccluded, unscaled 28x28 source image. A segmenter sees less than
 that classifier (items occluded, rescaled, beside others), so the reference's mIoU is roughly a ceiling for a
 segmenter that classifies items as well as that classifier does.
+
+    python -m export.evaluate_segmenter --models models --run runs/segnet/<stamp>
+
+diagnoses a trained run that has not been exported (its best.pt in PyTorch, no gates, no card): the same
+mIoU, pixel accuracy and item figures, written to segmentation_runs.json.
 """
 
 from __future__ import annotations
@@ -32,7 +37,7 @@ import numpy as np
 import onnxruntime as ort
 
 from training.data import load_dataset
-from training.scenes import SCENE_LABELS, TEST_SCENE_SEED, TEST_SCENES, fixed_test_scenes, make_scenes
+from training.scenes import NUM_SCENE_CLASSES, SCENE_LABELS, TEST_SCENE_SEED, TEST_SCENES, fixed_test_scenes, make_scenes
 
 # Release gates (issue 4) over the 11 classes of the fixed test scenes.
 MIOU_GATE = 0.85
@@ -60,21 +65,29 @@ def iou_scores(truth: np.ndarray, predicted: np.ndarray, num_classes: int) -> tu
 
 
 def item_coverage(scenes, predicted: np.ndarray) -> dict:
-    """For every placed item with visible pixels: the share of them predicted as the item's own class."""
+    """For every placed item with visible pixels: the share of them predicted as the item's own class.
+
+    Also the mIoU of the true outlines painted, item by item, with the garment class predicted most often
+    over the item's visible pixels: how far the masks would get if only their outlines were fixed."""
     shares = []
+    majority = np.zeros_like(scenes.masks.numpy())
     for n in range(len(scenes)):
         instances = scenes.instances[n].numpy()
         for slot, cls in enumerate(scenes.classes[n].tolist()):
             visible = instances == slot + 1
             if cls >= 0 and visible.any():
                 shares.append(float(np.mean(predicted[n][visible] == cls + 1)))
+                garment = predicted[n][visible]
+                garment = garment[garment > 0]
+                majority[n][visible] = np.bincount(garment).argmax() if len(garment) else 0
     shares = np.asarray(shares)
     background = scenes.masks.numpy() == 0
     # Garment against background whatever the class: the outlines alone, apart from telling garments apart.
     foreground_iou = np.count_nonzero(~background & (predicted > 0)) / np.count_nonzero(~background | (predicted > 0))
     return {"items": int(len(shares)), "mean_own_class_share": float(shares.mean()),
             "items_mostly_right": float(np.mean(shares > 0.5)),
-            "background_kept": float(np.mean(predicted[background] == 0)), "foreground_iou": float(foreground_iou)}
+            "background_kept": float(np.mean(predicted[background] == 0)), "foreground_iou": float(foreground_iou),
+            "majority_class_true_outline_miou": iou_scores(scenes.masks.numpy(), majority, NUM_SCENE_CLASSES)[1]}
 
 
 def instance_labels(scenes, item_classes: np.ndarray) -> np.ndarray:
@@ -108,6 +121,24 @@ def classifier_reference(classifier_dir: Path, test_items, test, labels: list[st
             "item_accuracy": float(np.mean(predicted_classes[used] == true_classes[used])),
             "scenes": int(len(test)), "miou": miou, "pixel_accuracy": pixel_accuracy,
             "per_class_iou": dict(zip(labels, ious)), **item_coverage(test, reference)}
+
+
+def diagnose_run(run_dir: Path, data_dir: str | None = None, scenes: int = TEST_SCENES) -> dict:
+    """The figures above for a run's best.pt, run by PyTorch on the fixed test scenes at its training canvas."""
+    import torch
+
+    from export.segmenter import load_run
+
+    graph, best, _, _ = load_run(run_dir)
+    height, width = best["config"]["canvas"]
+    test = fixed_test_scenes(scenes, TEST_SCENE_SEED, height, width,
+                             test=load_dataset(best["config"].get("dataset", "fashion-mnist"), "test", data_dir))
+    with torch.no_grad():
+        predicted = np.concatenate([graph(test.images[i:i + 100])[0].numpy() for i in range(0, len(test), 100)])
+    ious, miou, pixel_accuracy = iou_scores(test.masks.numpy(), predicted, len(best["label_names"]))
+    return {"run": str(run_dir), "epoch": best["epoch"], "measured_by": "PyTorch on the run's best.pt",
+            "scenes": int(len(test)), "miou": miou, "pixel_accuracy": pixel_accuracy,
+            "per_class_iou": dict(zip(best["label_names"], ious)), **item_coverage(test, predicted)}
 
 
 def evaluate_segmenter(model_dir: Path, data_dir: str | None = None, scenes: int = TEST_SCENES) -> dict:
@@ -188,6 +219,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--models", default="models")
     p.add_argument("--out", default="benchmarks/results")
     p.add_argument("--data-dir", help="MNIST-format folder instead of the default Fashion-MNIST location")
+    p.add_argument("--run", nargs="+", default=[], help="also diagnose these unexported run folders (see above)")
     p.add_argument("--reference-classifier", metavar="MODEL_DIR",
                    help="also measure true outlines labelled by this released classifier (see above)")
     return p.parse_args(argv)
@@ -201,6 +233,14 @@ def main(args: argparse.Namespace) -> list[dict]:
     out.mkdir(parents=True, exist_ok=True)
     (out / "segmentation_evaluation.json").write_text(json.dumps(results, indent=2) + "\n")
     table = markdown_table(results)
+    if args.run:
+        runs = [diagnose_run(Path(run), args.data_dir) for run in args.run]
+        (out / "segmentation_runs.json").write_text(json.dumps(runs, indent=2) + "\n")
+        table += ("\n| run (PyTorch, best.pt) | epoch | mIoU | pixel accuracy | items mostly right | "
+                  "garment-vs-background IoU | true outlines, majority class: mIoU |\n|---|---:|---:|---:|---:|---:|---:|\n"
+                  + "".join(f"| {r['run']} | {r['epoch']} | {r['miou']:.4f} | {r['pixel_accuracy']:.4f} | "
+                            f"{r['items_mostly_right']:.4f} | {r['foreground_iou']:.4f} | "
+                            f"{r['majority_class_true_outline_miou']:.4f} |\n" for r in runs))
     if args.reference_classifier:
         test_items = load_dataset("fashion-mnist", "test", args.data_dir)
         test = fixed_test_scenes(TEST_SCENES, TEST_SCENE_SEED, test=test_items)

@@ -166,6 +166,8 @@ def test_classifier_reference_with_a_released_classifier(splits):
     # A released classifier (93.5% on the test split) labels most items right, and mIoU follows from that.
     assert 0.8 < reference["item_accuracy"] <= 1.0 and 0.6 < reference["miou"] <= 1.0
     assert reference["pixel_accuracy"] > 0.9
+    # Each item is painted one class, so the majority repainting changes nothing.
+    assert reference["majority_class_true_outline_miou"] == pytest.approx(reference["miou"])
 
 
 # --- training and export ----------------------------------------------------------------------------
@@ -263,3 +265,13 @@ def test_independent_evaluation_agrees_with_the_card(exported):
     assert 0.0 <= result["foreground_iou"] <= 1.0 and result["items"] > 0
     # An untrained dry-run model misses the release gates, and says so; nothing else is wrong with it.
     assert all("release gate" in p for p in result["problems"]) and len(result["problems"]) == 2
+
+
+def test_run_diagnosis_agrees_with_the_exported_graph(exported, dry_run):
+    _, card = exported
+    diagnosis = evaluate_segmenter.diagnose_run(dry_run)
+    # PyTorch on best.pt against onnxruntime on its export: masks agree on >= 99.9% of pixels.
+    assert diagnosis["scenes"] == 2000 and diagnosis["epoch"] == card["training"]["best_epoch"]
+    assert diagnosis["miou"] == pytest.approx(card["metrics"]["miou"], abs=2e-3)
+    assert diagnosis["pixel_accuracy"] == pytest.approx(card["metrics"]["pixel_accuracy"], abs=1e-3)
+    assert 0.0 <= diagnosis["majority_class_true_outline_miou"] <= 1.0

@@ -59,7 +59,7 @@ PRESETS = {
                              augment="flip", aux_weight=1.0),
     # release-dcgan-ac judged 97.0% consistent but 36.7x the FID floor after 15 epochs: its samples are
     # recognisable but not as varied as real garments. Averaging the generator's weights is the cheapest
-    # known FID improvement; 0.999 averages over about the last 1,000 of the 469 steps per epoch.
+    # known FID improvement; 0.999 averages over about the last 1,000 generator steps (469 per epoch).
     "release-dcgan-ac-ema": dict(epochs=20, batch_size=128, lr_g=2e-4, lr_d=2e-4, beta1=0.5, g_width=64,
                                  d_width=64, augment="flip", aux_weight=1.0, ema_decay=0.999),
 }

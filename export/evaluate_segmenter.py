@@ -36,6 +36,8 @@ from pathlib import Path
 import numpy as np
 import onnxruntime as ort
 
+from export.evaluate_generator import verified_session
+from export.onnx_io import run_batched
 from training.data import load_dataset
 from training.scenes import NUM_SCENE_CLASSES, SCENE_LABELS, TEST_SCENE_SEED, TEST_SCENES, fixed_test_scenes, make_scenes
 
@@ -101,14 +103,12 @@ def instance_labels(scenes, item_classes: np.ndarray) -> np.ndarray:
 
 def classifier_reference(classifier_dir: Path, test_items, test, labels: list[str]) -> dict:
     """Perfect outlines, each item labelled by `classifier_dir`'s graph on its own 28x28 source image."""
-    card = json.loads((classifier_dir / "card.json").read_text())
-    session = ort.InferenceSession(str(classifier_dir / "model.onnx"), providers=["CPUExecutionProvider"])
-    used = np.unique(test.items.numpy()[test.items.numpy() >= 0])
-    images = test_items.images.numpy()
-    predicted_classes = np.full(len(images), -1, dtype=np.int64)
-    for i in range(0, len(used), 500):
-        chunk = used[i:i + 500]
-        predicted_classes[chunk] = session.run(["probabilities"], {"pixels": images[chunk]})[0].argmax(1)
+    session, card = verified_session(classifier_dir)
+    items = test.items.numpy()
+    used = np.unique(items[items >= 0])
+    predicted_classes = np.full(len(test_items), -1, dtype=np.int64)
+    probabilities, _ = run_batched(session, {"pixels": test_items.images.numpy()[used]}, batch_size=500)
+    predicted_classes[used] = probabilities.argmax(1)
     true_classes = test_items.labels.numpy()
     # The same painting with the true classes must give back the scenes' own masks, or the reference is wrong.
     if not np.array_equal(instance_labels(test, true_classes), test.masks.numpy()):

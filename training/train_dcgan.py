@@ -290,21 +290,20 @@ def main(args: argparse.Namespace) -> Path:
     for epoch in range(start_epoch, config["epochs"] + 1):
         losses = train_epoch(config, generator, discriminator, optimizers, train.images, train.labels, epoch,
                              device, max_batches, progress, average)
+        sampled, weights, kept = generator, "live", {}
         if average is not None:
             refresh_batch_norm(average, cfg, 2 if args.dry_run else EMA_BN_BATCHES, config["batch_size"],
                                config["seed"] * 1000 + epoch, device)
-        sampled = average if average is not None else generator
+            sampled, weights, kept = average, "ema", {"generator_live": generator.state_dict()}
         wall = wall_before + time.perf_counter() - started
         history.append({"epoch": epoch, **losses, "wall_seconds": wall})
         grid_path = run_dir / "samples" / f"epoch_{epoch:03d}.png"
         save_epoch_grid(sampled, cfg, device, grid_path, f"epoch {epoch}: one row per class"
-                        + (f", weights averaged (decay {ema_decay})" if average is not None else ""),
+                        + (f", weights averaged (decay {ema_decay})" if weights == "ema" else ""),
                         train.label_names)
         (run_dir / "samples.png").write_bytes(grid_path.read_bytes())
-        averaged = {"generator_live": generator.state_dict()} if average is not None else {}
-        torch.save({"generator": sampled.state_dict(), "weights": "ema" if average is not None else "live",
-                    **averaged, "model_config": asdict(cfg), "config": config,
-                    "label_names": train.label_names, "epoch": epoch}, run_dir / "generator.pt")
+        torch.save({"generator": sampled.state_dict(), "weights": weights, **kept, "model_config": asdict(cfg),
+                    "config": config, "label_names": train.label_names, "epoch": epoch}, run_dir / "generator.pt")
         torch.save({"generator": generator.state_dict(), "discriminator": discriminator.state_dict(),
                     **({"generator_ema": average.state_dict()} if average is not None else {}),
                     "optimizers": {key: opt.state_dict() for key, opt in optimizers.items()}, "epoch": epoch,

@@ -7,7 +7,8 @@ The graph is the whole model: uint8 pixels [N,1,H,W] (dynamic N, H and W, H and 
 the graph) and `probabilities` float32 [N,11,H,W]. Before anything is written the graph must pass
 onnx.checker and agree with PyTorch on test scenes at two sizes, the training canvas and a non-square one
 (masks equal on at least 99.9% of pixels; pooling switches that differ only at near-ties; with the same
-switches, probabilities within --tolerance everywhere: see check_parity). The card's metrics are then
+switches, probabilities within --tolerance everywhere: see check_parity). `--tta flip` builds a graph that
+also runs the mirror image and averages the two softmaxes (twice the compute; recorded on the card). The card's metrics are then
 measured by onnxruntime on the exported graph over the 2,000 fixed test scenes built from test images only.
 """
 
@@ -21,6 +22,7 @@ import numpy as np
 import torch
 from torch import nn
 
+from export.classifier import TTA_DESCRIPTIONS
 from export.onnx_io import (ParityError, cpu_session, export_to_bytes, opset_of, runtime_versions, sha256_bytes,
                             write_model)
 from training.data import load_dataset
@@ -35,23 +37,51 @@ MIN_MASK_AGREEMENT = 0.999
 # Two pooling candidates closer than this may be ordered either way by two float32 runtimes (their conv
 # results differ by up to ~1e-5 here); a switch that flips across a wider gap is a real disagreement.
 NEAR_TIE = 1e-4
+# Test-time augmentation the segmenter's graph can carry: the classifiers' "flip", per pixel.
+SEGMENTER_TTA = ["none", "flip"]
 
 
 class SegmenterGraph(nn.Module):
-    """Raw uint8 pixels in, a class per pixel and its probabilities out: no preprocessing outside the graph."""
+    """Raw uint8 pixels in, a class per pixel and its probabilities out: no preprocessing outside the graph.
 
-    def __init__(self, model: nn.Module, mean: list[float], std: list[float]):
+    With tta="flip" the graph runs the network on the image and on its mirror image and averages the two
+    softmaxes (the mirror's flipped back): garments are left-right symmetric and training mirrors items, so
+    this is the classifiers' flip test-time augmentation, per pixel, for twice the compute. The card says so.
+    """
+
+    def __init__(self, model: nn.Module, mean: list[float], std: list[float], tta: str = "none"):
         super().__init__()
+        if tta not in SEGMENTER_TTA:
+            raise ValueError(f"tta must be one of {SEGMENTER_TTA}, not {tta!r}")
         self.model = model
         self.stride = model.stride
+        self.tta = tta
         self.register_buffer("mean", torch.tensor(mean, dtype=torch.float32).view(1, -1, 1, 1))
         self.register_buffer("std", torch.tensor(std, dtype=torch.float32).view(1, -1, 1, 1))
 
     def normalise(self, pixels: torch.Tensor) -> torch.Tensor:
         return (pixels.to(torch.float32) / 255.0 - self.mean) / self.std  # same arithmetic as training.data.normalise
 
+    def passes(self) -> int:
+        return 2 if self.tta == "flip" else 1
+
+    def probabilities_with_switches(self, pixels: torch.Tensor, switches: list[torch.Tensor] | None = None
+                                    ) -> tuple[torch.Tensor, list[torch.Tensor], list[torch.Tensor]]:
+        """Probabilities, the pooling switches of every pass (stages of the plain pass, then of the mirrored
+        one) and each stage's pooling input; with `switches` given, the passes replay them (see check_parity)."""
+        x = self.normalise(pixels)
+        stages = len(self.model.encoder)
+        scores, used, pooled_from = self.model.forward_with_switches(x, None if switches is None else switches[:stages])
+        probabilities = torch.softmax(scores, dim=1)  # N x K x H x W
+        if self.tta == "flip":
+            mirrored, used_m, pooled_m = self.model.forward_with_switches(
+                x.flip(3), None if switches is None else switches[stages:])
+            probabilities = (probabilities + torch.softmax(mirrored, dim=1).flip(3)) / 2
+            used, pooled_from = used + used_m, pooled_from + pooled_m
+        return probabilities, used, pooled_from
+
     def forward(self, pixels: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        probabilities = torch.softmax(self.model(self.normalise(pixels)), dim=1)  # N x K x H x W
+        probabilities = self.probabilities_with_switches(pixels)[0]
         # Argmax of the probabilities that are returned, so a client never sees a mask that disagrees with them.
         mask = probabilities.argmax(dim=1).to(torch.uint8)                 # N x H x W
         return mask, probabilities
@@ -67,22 +97,21 @@ class SwitchesGraph(nn.Module):
         self.stride = segmenter.stride
 
     def forward(self, pixels: torch.Tensor) -> tuple[torch.Tensor, ...]:
-        _, switches, _ = self.segmenter.model.forward_with_switches(self.segmenter.normalise(pixels))
-        return tuple(switches)
+        return tuple(self.segmenter.probabilities_with_switches(pixels)[1])
 
 
 def switches_session(graph: SegmenterGraph, example: torch.Tensor):
     """onnxruntime running the diagnostic SwitchesGraph of `graph` (exported the same way, never written)."""
-    names = tuple(f"switches_{i}" for i in range(len(graph.model.encoder)))
+    names = tuple(f"switches_{i}" for i in range(len(graph.model.encoder) * graph.passes()))
     return cpu_session(export_graph(SwitchesGraph(graph), example, names))
 
 
-def load_run(run_dir: Path) -> tuple[SegmenterGraph, dict, dict, dict]:
+def load_run(run_dir: Path, tta: str = "none") -> tuple[SegmenterGraph, dict, dict, dict]:
     best = torch.load(run_dir / "best.pt", map_location="cpu", weights_only=False)
     model, _ = build_segmenter(best["model_name"], **best["model_config"])
     model.load_state_dict(best["model"])
     model = model.to(memory_format=torch.contiguous_format).float().eval()
-    graph = SegmenterGraph(model, best["normalisation"]["mean"], best["normalisation"]["std"]).eval()
+    graph = SegmenterGraph(model, best["normalisation"]["mean"], best["normalisation"]["std"], tta).eval()
     record = json.loads((run_dir / "config.json").read_text())
     metrics = json.loads((run_dir / "metrics.json").read_text())
     return graph, best, record, metrics
@@ -118,10 +147,8 @@ def check_parity(graph: SegmenterGraph, session, switch_session, scene_sets: lis
             ort_mask, ort_probs = session.run(None, {"pixels": chunk})
             ort_switches = [torch.from_numpy(s) for s in switch_session.run(None, {"pixels": chunk})]
             with torch.no_grad():
-                x = graph.normalise(torch.from_numpy(chunk))
-                scores, switches, pooled_from = graph.model.forward_with_switches(x)
-                torch_probs = torch.softmax(scores, dim=1)
-                replayed = torch.softmax(graph.model.forward_with_switches(x, ort_switches)[0], dim=1).numpy()
+                torch_probs, switches, pooled_from = graph.probabilities_with_switches(torch.from_numpy(chunk))
+                replayed = graph.probabilities_with_switches(torch.from_numpy(chunk), ort_switches)[0].numpy()
             for mine, theirs, features in zip(switches, ort_switches, pooled_from):
                 differ = mine != theirs
                 windows += differ.numel()
@@ -181,12 +208,14 @@ def build_card(name: str, graph: SegmenterGraph, best: dict, record: dict, run_m
                     "padding_value": 0, "polarity": "light-on-dark",
                     "invert": "auto: inverted when the image border is brighter than its centre"},
             "normalisation": {"inside_graph": True, **record["normalisation"]},
+            "test_time_augmentation": TTA_DESCRIPTIONS[graph.tta],
         },
         "outputs": [
             {"name": "mask", "dtype": "uint8", "shape": ["N", "H", "W"],
              "meaning": "class index per pixel: argmax of probabilities, taken inside the graph"},
             {"name": "probabilities", "dtype": "float32", "shape": ["N", k, "H", "W"],
-             "meaning": "per-pixel softmax over the labels"},
+             "meaning": "per-pixel softmax over the labels" + (
+                 ", the mean of the image's and its mirror image's (flipped back)" if graph.tta == "flip" else "")},
         ],
         "labels": record["label_names"],
         "palette": [list(c) for c in MASK_PALETTE[:k]],
@@ -217,13 +246,16 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--parity-size", type=int, nargs=2, default=[48, 80], metavar=("H", "W"),
                    help="the second, non-square parity size (multiples of the stride)")
     p.add_argument("--tolerance", type=float, default=1e-4, help="max |p_onnx - p_torch| with the same pooling switches")
+    p.add_argument("--tta", choices=SEGMENTER_TTA, default="none",
+                   help="test-time augmentation inside the graph: flip averages the softmax of the image and of "
+                        "its mirror image (2 passes)")
     p.add_argument("--dry-run", action="store_true", help="check parity and print the card without writing")
     return p.parse_args(argv)
 
 
 def main(args: argparse.Namespace) -> dict:
     run_dir = Path(args.run)
-    graph, best, record, run_metrics = load_run(run_dir)
+    graph, best, record, run_metrics = load_run(run_dir, args.tta)
     config = record["config"]
     height, width = config["canvas"]
     if any(side % graph.stride for side in args.parity_size):

@@ -291,6 +291,31 @@ def test_exported_graph_at_a_non_square_size(exported, dry_run, splits):
         export_segmenter.check_parity(graph, session, switches, [images], tolerance=-1.0)
 
 
+def test_flip_tta_graph_averages_the_image_and_its_mirror(dry_run, splits):
+    plain, _, _, _ = export_segmenter.load_run(dry_run)
+    graph, _, _, _ = export_segmenter.load_run(dry_run, tta="flip")
+    images = make_scenes(splits[1], 3, seed=6, height=48, width=80).images.numpy()
+    example = torch.from_numpy(images[:2])
+    session = export_segmenter.cpu_session(export_segmenter.export_graph(graph, example))
+    mask, probabilities = session.run(None, {"pixels": images})
+    with torch.no_grad():
+        x = torch.from_numpy(images)
+        want = (plain(x)[1] + plain(x.flip(3))[1].flip(3)) / 2
+    np.testing.assert_allclose(probabilities, want.numpy(), atol=1e-4)
+    assert np.mean(mask == want.argmax(1).numpy()) >= 0.999
+    assert not np.allclose(probabilities, plain(x)[1].detach().numpy(), atol=1e-3), "the mirror pass changes nothing"
+    # Parity replays the switches of both passes: one set of outputs per stage per pass.
+    switches = export_segmenter.switches_session(graph, example)
+    assert len(switches.get_outputs()) == 2 * len(graph.model.encoder)
+    report = export_segmenter.check_parity(graph, session, switches, [images], tolerance=1e-4)
+    assert report["max_abs_probability_diff_same_switches"] <= 1e-4
+    card = export_segmenter.main(export_segmenter.parse_args(
+        ["--run", str(dry_run), "--name", "tiny-segnet-flip", "--tta", "flip", "--parity-scenes", "16", "--dry-run"]))
+    assert "mirror" in card["input"]["test_time_augmentation"] and "mirror" in card["outputs"][1]["meaning"]
+    with pytest.raises(ValueError, match="tta must be one of"):
+        export_segmenter.load_run(dry_run, tta="flip-shift")
+
+
 def test_independent_evaluation_agrees_with_the_card(exported):
     model_dir, card = exported
     result = evaluate_segmenter.evaluate_segmenter(model_dir)

@@ -190,7 +190,8 @@ def test_segment_pixel_limit(segment_server):
     assert post_image(segment_server.url, scene_png(128, 128, seed=4)[0]).status_code == 200
 
 
-def test_server_without_a_segmenter_answers_503(server):
+def test_server_without_a_segmenter_answers_503(tampered_server):
+    """A server over a folder of classifiers only (whether or not models/ holds a segmenter)."""
     data, _ = scene_png(16, 16, seed=5)
-    answer = post_image(server.url, data)
+    answer = post_image(tampered_server.url, data)
     assert answer.status_code == 503 and answer.json()["error"]["code"] == "model_unavailable"

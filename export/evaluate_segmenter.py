@@ -86,7 +86,19 @@ def item_coverage(scenes, predicted: np.ndarray) -> dict:
     background = scenes.masks.numpy() == 0
     # Garment against background whatever the class: the outlines alone, apart from telling garments apart.
     foreground_iou = np.count_nonzero(~background & (predicted > 0)) / np.count_nonzero(~background | (predicted > 0))
+    # Each garment class's pixels split the same way: the share predicted as some garment (its outline
+    # found) and, of those, the share given its own class (named): which classes lose pixels to the
+    # background and which to another garment.
+    truth = scenes.masks.numpy()
+    split = {}
+    for k in range(1, NUM_SCENE_CLASSES):
+        pixels = predicted[truth == k]
+        found = pixels[pixels > 0]
+        if len(pixels):
+            split[SCENE_LABELS[k]] = {"found": len(found) / len(pixels),
+                                      "named": float(np.mean(found == k)) if len(found) else 0.0}
     return {"items": int(len(shares)), "mean_own_class_share": float(shares.mean()),
+            "per_class_found_and_named": split,
             "items_mostly_right": float(np.mean(shares > 0.5)),
             "background_kept": float(np.mean(predicted[background] == 0)), "foreground_iou": float(foreground_iou),
             "majority_class_true_outline_miou": iou_scores(scenes.masks.numpy(), majority, NUM_SCENE_CLASSES)[1]}
@@ -241,6 +253,13 @@ def main(args: argparse.Namespace) -> list[dict]:
                   + "".join(f"| {r['run']} | {r['epoch']} | {r['miou']:.4f} | {r['pixel_accuracy']:.4f} | "
                             f"{r['items_mostly_right']:.4f} | {r['foreground_iou']:.4f} | "
                             f"{r['majority_class_true_outline_miou']:.4f} |\n" for r in runs))
+        table += ("\nPer class: IoU / share of its pixels predicted as some garment (found) / share of those "
+                  "given its own class (named)\n\n| class | " + " | ".join(Path(r["run"]).name for r in runs)
+                  + " |\n|---|" + "---:|" * len(runs) + "\n"
+                  + "".join(f"| {name} | " + " | ".join(
+                      f"{r['per_class_iou'][name]:.2f} / {r['per_class_found_and_named'][name]['found']:.3f} / "
+                      f"{r['per_class_found_and_named'][name]['named']:.3f}" for r in runs) + " |\n"
+                      for name in runs[0]["per_class_found_and_named"]))
     if args.reference_classifier:
         test_items = load_dataset("fashion-mnist", "test", args.data_dir)
         test = fixed_test_scenes(TEST_SCENES, TEST_SCENE_SEED, test=test_items)

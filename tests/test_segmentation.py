@@ -172,6 +172,24 @@ def test_classifier_reference_with_a_released_classifier(splits):
     assert reference["pixel_accuracy"] > 0.9
     # Each item is painted one class, so the majority repainting changes nothing.
     assert reference["majority_class_true_outline_miou"] == pytest.approx(reference["miou"])
+    assert all(v["found"] == 1.0 for v in reference["per_class_found_and_named"].values())
+
+
+def test_per_class_split_tells_lost_outlines_from_wrong_names(splits):
+    scenes = make_scenes(splits[1], 40, seed=13)
+    truth = scenes.masks.numpy()
+    k = int(truth[0][truth[0] > 0][0])            # a garment class present in scene 0
+    other = k % 10 + 1                             # another garment class
+    lost = truth.copy()
+    lost[truth == k] = 0                           # every pixel of class k called background
+    split = evaluate_segmenter.item_coverage(scenes, lost)["per_class_found_and_named"]
+    name = evaluate_segmenter.SCENE_LABELS[k]
+    assert split[name]["found"] == 0.0 and split[name]["named"] == 0.0
+    assert all(v == {"found": 1.0, "named": 1.0} for n, v in split.items() if n != name)
+    renamed = truth.copy()
+    renamed[truth == k] = other                    # outlines kept, garment misnamed
+    split = evaluate_segmenter.item_coverage(scenes, renamed)["per_class_found_and_named"]
+    assert split[name] == {"found": 1.0, "named": 0.0}
 
 
 def test_encoder_pretraining_teaches_the_encoder_to_name_single_items(splits):

@@ -7,9 +7,10 @@ The graph is the whole model: uint8 pixels [N,1,H,W] (dynamic N, H and W, H and 
 the graph) and `probabilities` float32 [N,11,H,W]. Before anything is written the graph must pass
 onnx.checker and agree with PyTorch on test scenes at two sizes, the training canvas and a non-square one
 (masks equal on at least 99.9% of pixels; pooling switches that differ only at near-ties; with the same
-switches, probabilities within --tolerance everywhere: see check_parity). `--tta flip` builds a graph that
-also runs the mirror image and averages the two softmaxes (twice the compute; recorded on the card). The card's metrics are then
+switches, probabilities within --tolerance everywhere: see check_parity). The card's metrics are then
 measured by onnxruntime on the exported graph over the 2,000 fixed test scenes built from test images only.
+`--tta flip` builds a graph that also runs the mirror image and averages the two softmaxes (twice the
+compute; recorded on the card).
 """
 
 from __future__ import annotations

@@ -71,8 +71,9 @@ def item_coverage(scenes, predicted: np.ndarray) -> dict:
 
     Also the mIoU of the true outlines painted, item by item, with the garment class predicted most often
     over the item's visible pixels: how far the masks would get if only their outlines were fixed."""
+    truth = scenes.masks.numpy()
     shares = []
-    majority = np.zeros_like(scenes.masks.numpy())
+    majority = np.zeros_like(truth)
     for n in range(len(scenes)):
         instances = scenes.instances[n].numpy()
         for slot, cls in enumerate(scenes.classes[n].tolist()):
@@ -83,13 +84,12 @@ def item_coverage(scenes, predicted: np.ndarray) -> dict:
                 garment = garment[garment > 0]
                 majority[n][visible] = np.bincount(garment).argmax() if len(garment) else 0
     shares = np.asarray(shares)
-    background = scenes.masks.numpy() == 0
+    background = truth == 0
     # Garment against background whatever the class: the outlines alone, apart from telling garments apart.
     foreground_iou = np.count_nonzero(~background & (predicted > 0)) / np.count_nonzero(~background | (predicted > 0))
     # Each garment class's pixels split the same way: the share predicted as some garment (its outline
     # found) and, of those, the share given its own class (named): which classes lose pixels to the
     # background and which to another garment.
-    truth = scenes.masks.numpy()
     split = {}
     for k in range(1, NUM_SCENE_CLASSES):
         pixels = predicted[truth == k]
@@ -101,7 +101,7 @@ def item_coverage(scenes, predicted: np.ndarray) -> dict:
             "per_class_found_and_named": split,
             "items_mostly_right": float(np.mean(shares > 0.5)),
             "background_kept": float(np.mean(predicted[background] == 0)), "foreground_iou": float(foreground_iou),
-            "majority_class_true_outline_miou": iou_scores(scenes.masks.numpy(), majority, NUM_SCENE_CLASSES)[1]}
+            "majority_class_true_outline_miou": iou_scores(truth, majority, NUM_SCENE_CLASSES)[1]}
 
 
 def instance_labels(scenes, item_classes: np.ndarray) -> np.ndarray:
@@ -226,6 +226,24 @@ def markdown_table(results: list[dict]) -> str:
     return "\n".join(lines) + "\n"
 
 
+def runs_table(runs: list[dict]) -> str:
+    """diagnose_run's figures: one row per run, then per class IoU / found / named side by side."""
+    lines = ["", "| run (PyTorch, best.pt) | epoch | mIoU | pixel accuracy | items mostly right | "
+             "garment-vs-background IoU | true outlines, majority class: mIoU |", "|---|---:|---:|---:|---:|---:|---:|"]
+    for r in runs:
+        lines.append(f"| {r['run']} | {r['epoch']} | {r['miou']:.4f} | {r['pixel_accuracy']:.4f} | "
+                     f"{r['items_mostly_right']:.4f} | {r['foreground_iou']:.4f} | "
+                     f"{r['majority_class_true_outline_miou']:.4f} |")
+    lines += ["", "Per class: IoU / share of its pixels predicted as some garment (found) / share of those given "
+              "its own class (named)", "", "| class | " + " | ".join(Path(r["run"]).name for r in runs) + " |",
+              "|---|" + "---:|" * len(runs)]
+    for name in runs[0]["per_class_found_and_named"]:
+        cells = [f"{r['per_class_iou'][name]:.2f} / {r['per_class_found_and_named'][name]['found']:.3f} / "
+                 f"{r['per_class_found_and_named'][name]['named']:.3f}" for r in runs]
+        lines.append(f"| {name} | " + " | ".join(cells) + " |")
+    return "\n".join(lines) + "\n"
+
+
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--models", default="models")
@@ -248,18 +266,7 @@ def main(args: argparse.Namespace) -> list[dict]:
     if args.run:
         runs = [diagnose_run(Path(run), args.data_dir) for run in args.run]
         (out / "segmentation_runs.json").write_text(json.dumps(runs, indent=2) + "\n")
-        table += ("\n| run (PyTorch, best.pt) | epoch | mIoU | pixel accuracy | items mostly right | "
-                  "garment-vs-background IoU | true outlines, majority class: mIoU |\n|---|---:|---:|---:|---:|---:|---:|\n"
-                  + "".join(f"| {r['run']} | {r['epoch']} | {r['miou']:.4f} | {r['pixel_accuracy']:.4f} | "
-                            f"{r['items_mostly_right']:.4f} | {r['foreground_iou']:.4f} | "
-                            f"{r['majority_class_true_outline_miou']:.4f} |\n" for r in runs))
-        table += ("\nPer class: IoU / share of its pixels predicted as some garment (found) / share of those "
-                  "given its own class (named)\n\n| class | " + " | ".join(Path(r["run"]).name for r in runs)
-                  + " |\n|---|" + "---:|" * len(runs) + "\n"
-                  + "".join(f"| {name} | " + " | ".join(
-                      f"{r['per_class_iou'][name]:.2f} / {r['per_class_found_and_named'][name]['found']:.3f} / "
-                      f"{r['per_class_found_and_named'][name]['named']:.3f}" for r in runs) + " |\n"
-                      for name in runs[0]["per_class_found_and_named"]))
+        table += runs_table(runs)
     if args.reference_classifier:
         test_items = load_dataset("fashion-mnist", "test", args.data_dir)
         test = fixed_test_scenes(TEST_SCENES, TEST_SCENE_SEED, test=test_items)

@@ -32,14 +32,14 @@ import torch.nn.functional as F
 from tqdm import tqdm
 
 from training import cli
-from training.data import channel_stats, load_dataset, normalise, train_val_split
+from training.data import Dataset, channel_stats, load_dataset, normalise, train_val_split
 from training.models import build_segmenter, count_parameters
 from training.plots import plot_class_iou, plot_scenes, plot_segmentation_curves
 from training.scenes import (ITEM_THRESHOLD, MAX_ITEMS, SCALE_RANGE, STATS_SCENE_SEED_OFFSET, TEST_SCENE_SEED,
                              TEST_SCENES, VAL_SCENE_SEED_OFFSET, Scenes, fixed_test_scenes, make_scenes,
                              scene_label_names, write_example_sheet)
-from training.train import (cpu_has_bf16, hardware_description, make_optimizer, make_scheduler, new_run_dir,
-                            pick_device, uses_channels_last, write_run_record)
+from training.train import (cpu_has_bf16, evaluate as evaluate_classifier, hardware_description, make_optimizer,
+                            make_scheduler, new_run_dir, pick_device, uses_channels_last, write_run_record)
 
 # Every setting a run records. Presets override these; explicit flags override presets.
 DEFAULTS = dict(
@@ -276,8 +276,8 @@ def pretrain_encoder(config: dict, setup: TrainSetup, train_items, val_items, ma
     optimizer = make_optimizer(config, classifier)
     scheduler = torch.optim.lr_scheduler.OneCycleLR(optimizer, max_lr=config["lr"],
                                                     total_steps=epochs * math.ceil(n / bs))
-    val_x, val_y = single_item_scenes(val_items, len(val_items), PRETRAIN_SCENE_SEED_OFFSET + config["seed"],
-                                      config["pretrain_canvas"], flip=False)
+    val = Dataset(*single_item_scenes(val_items, len(val_items), PRETRAIN_SCENE_SEED_OFFSET + config["seed"],
+                                      config["pretrain_canvas"], flip=False), val_items.label_names, "single items")
     history = []
     for epoch in range(1, epochs + 1):
         classifier.train()
@@ -299,17 +299,12 @@ def pretrain_encoder(config: dict, setup: TrainSetup, train_items, val_items, ma
             scheduler.step()
             total_loss += loss.item() * len(y)
             correct += (logits.argmax(1) == y).sum().item()
-        classifier.eval()
-        val_correct = 0
-        with torch.no_grad():
-            for start in list(range(0, len(val_y), 256))[:max_batches]:
-                x = normalise(val_x[start:start + 256].to(device), setup.mean, setup.std)
-                val_correct += (classifier(x).argmax(1).cpu() == val_y[start:start + 256]).sum().item()
-        val_n = len(val_y) if max_batches is None else min(len(val_y), max_batches * 256)
+        checked = evaluate_classifier(classifier, val, setup.mean, setup.std, device, batch_size=256,
+                                      max_batches=max_batches)
         history.append({"epoch": epoch, "train_loss": total_loss / n, "train_accuracy": correct / n,
-                        "val_accuracy": val_correct / val_n})
+                        "val_accuracy": checked["accuracy"]})
         print(f"pretrain {epoch:3d}  train loss {total_loss / n:.4f} accuracy {correct / n:.4f}  "
-              f"val accuracy {val_correct / val_n:.4f} ({val_n} single items)", flush=True)
+              f"val accuracy {checked['accuracy']:.4f} ({len(checked['labels'])} single items)", flush=True)
     return history
 
 
@@ -329,10 +324,13 @@ def build_setup(config: dict, device: torch.device, num_classes: int, mean, std,
 
 
 def check_canvas(config: dict) -> None:
+    """Both canvases a run uses (the scenes', and the pretraining one when it pretrains) fit the stride."""
     stride = 2 ** len(config["widths"])
-    if any(side % stride for side in config["canvas"]):
-        raise ValueError(f"--canvas {config['canvas']} must be multiples of the stride {stride} "
-                         f"(2 ** {len(config['widths'])} stages)")
+    flags = {"canvas": "--canvas"} | ({"pretrain_canvas": "--pretrain-canvas"} if config["pretrain_epochs"] else {})
+    for key, flag in flags.items():
+        if any(side % stride for side in config[key]):
+            raise ValueError(f"{flag} {config[key]} must be multiples of the stride {stride} "
+                             f"(2 ** {len(config['widths'])} stages)")
 
 
 def main(args: argparse.Namespace) -> Path:
@@ -403,9 +401,6 @@ def main(args: argparse.Namespace) -> Path:
 
     started = time.perf_counter()
     if state is None and config["pretrain_epochs"]:
-        if any(side % setup.model.stride for side in config["pretrain_canvas"]):
-            raise ValueError(f"--pretrain-canvas {config['pretrain_canvas']} must be multiples of the stride "
-                             f"{setup.model.stride}")
         pretrain_history = pretrain_encoder(config, setup, train_items, val_items, max_batches, progress)
         # Segmentation then starts its own optimiser and schedule; only the encoder's weights carry over.
         print(f"encoder pretrained in {time.perf_counter() - started:.0f}s", flush=True)

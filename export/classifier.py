@@ -229,7 +229,7 @@ def build_card(name: str, graph: ClassifierGraph, runs: list[Run], metrics: dict
             "channels": channels, "height": height, "width": width,
             "fit": {"color": "grayscale" if channels == 1 else "rgb", "resize": "aspect-preserving, longest side to fit",
                     "padding_value": 0, "polarity": "light-on-dark",
-                    "invert": "auto: inverted when the image border is brighter than its centre"},
+                    "invert": "auto: inverted when most of the image's outermost frame is lighter than the midpoint of its own darkest and lightest pixel (a light background)"},
             "normalisation": {"inside_graph": True, **record["normalisation"]},
             "test_time_augmentation": TTA_DESCRIPTIONS[graph.tta],
         },

@@ -207,7 +207,7 @@ def build_card(name: str, graph: SegmenterGraph, best: dict, record: dict, run_m
                     "pad": f"pad to a multiple of the stride ({graph.stride}) at the bottom and right with "
                            "padding_value, run, crop the outputs back to the input's height and width",
                     "padding_value": 0, "polarity": "light-on-dark",
-                    "invert": "auto: inverted when the image border is brighter than its centre"},
+                    "invert": "auto: inverted when most of the image's outermost frame is lighter than the midpoint of its own darkest and lightest pixel (a light background)"},
             "normalisation": {"inside_graph": True, **record["normalisation"]},
             "test_time_augmentation": TTA_DESCRIPTIONS[graph.tta],
         },

@@ -167,7 +167,7 @@ class ModelParams(BaseModel):
     model_config = ConfigDict(extra="ignore", protected_namespaces=())
     model: str | None = Field(None, description="model name; default: the task's best model by its card")
     invert: Literal["auto", "true", "false"] = Field(
-        "auto", description="auto: invert when the image border is brighter than its centre")
+        "auto", description="auto: invert when the background (the image's outermost frame) is mostly light")
 
 
 class ImageParams(ModelParams):

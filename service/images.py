@@ -117,16 +117,24 @@ def composite_on_white(image: Image.Image) -> Image.Image:
     return Image.alpha_composite(background, rgba).convert("RGB")
 
 
-def border_is_brighter_than_centre(gray: np.ndarray) -> bool:
-    """Auto-invert rule: a light border around a darker centre means dark-on-light (a photo on paper)."""
+def background_is_light(gray: np.ndarray) -> bool:
+    """Auto-invert rule: is the image's background, its outermost frame of pixels, mostly light?
+
+    "Light" is relative to the image's own range (above the midpoint of its darkest and lightest pixel), so a
+    dark item on white or mid-grey paper reads as light background, and a light item on black as dark. The
+    frame is 1/28 of the shorter side (one pixel at Fashion-MNIST's 28x28), where a photo shows its paper and
+    a dataset image its background. A rule comparing the border's mean with the centre's inverted 52 of the
+    10,000 Fashion-MNIST test images (44 sandals: dark gaps between light straps); this one inverts none of
+    them and every one of them inverted (tests/test_images.py). A uniform image is left alone.
+    """
     height, width = gray.shape
-    ring = max(1, min(height, width) // 10)
+    ring = max(1, min(height, width) // 28)
     border = np.concatenate([gray[:ring].ravel(), gray[-ring:].ravel(),
-                             gray[:, :ring].ravel(), gray[:, -ring:].ravel()])
-    centre = gray[height // 4: height - height // 4, width // 4: width - width // 4]
-    if centre.size == 0:
-        centre = gray
-    return float(border.mean()) > float(centre.mean())
+                             gray[ring:-ring, :ring].ravel(), gray[ring:-ring, -ring:].ravel()])
+    darkest, lightest = int(gray.min()), int(gray.max())
+    if darkest == lightest:
+        return False
+    return float(np.mean(border > (darkest + lightest) / 2)) > 0.5
 
 
 def to_model_mode(image: Image.Image, channels: int, light_on_dark: bool,
@@ -139,7 +147,7 @@ def to_model_mode(image: Image.Image, channels: int, light_on_dark: bool,
     image = image.convert("L" if channels == 1 else "RGB")
     if invert == "auto":
         gray = np.asarray(image if channels == 1 else image.convert("L"))
-        inverted = border_is_brighter_than_centre(gray) == light_on_dark
+        inverted = background_is_light(gray) == light_on_dark
     else:
         inverted = invert == "true"
     if inverted:

@@ -212,11 +212,15 @@ def free_port() -> int:
 
 
 def start_server(env: dict[str, str], models_dir: str, log_path: Path) -> tuple[subprocess.Popen, str]:
+    """A server of the models folder itself (VISIONSERVE_MODELS_DIR): BentoML's store is never read, so what it
+    holds cannot change a measurement; other ways of naming models in the caller's environment are dropped."""
     port = free_port()
+    inherited = {key: value for key, value in os.environ.items()
+                 if key not in ("VISIONSERVE_MODELS", "VISIONSERVE_CARDS_DIR")}
     process = subprocess.Popen(
         [str(Path(sys.executable).parent / "bentoml"), "serve", "service.app:VisionService", "--port", str(port),
          "--host", "127.0.0.1"],
-        cwd=REPO, env={**os.environ, **env, "VISIONSERVE_MODELS_DIR": models_dir, "BENTOML_DO_NOT_TRACK": "True"},
+        cwd=REPO, env={**inherited, **env, "VISIONSERVE_MODELS_DIR": models_dir, "BENTOML_DO_NOT_TRACK": "True"},
         stdout=open(log_path, "wb"), stderr=subprocess.STDOUT, start_new_session=True)
     url = f"http://127.0.0.1:{port}"
     deadline = time.monotonic() + 180

@@ -6,8 +6,9 @@
     .venv/bin/python -m loadtests.run --host http://10.0.0.5:3000 --slo my-slo.yaml
 
 When no visionserve answers at --host (a local address), starts `bentoml serve service.app:VisionService`
-there (from BentoML's model store, after importing models/ as `make serve` does, or from
-VISIONSERVE_MODELS_DIR when set), and stops it afterwards. Writes reports/loadtest/<UTC stamp>/:
+there (the checkout's models, imported as `make serve` does into a BentoML store of its own in a temporary
+folder unless BENTOML_HOME names one; or VISIONSERVE_MODELS / VISIONSERVE_MODELS_DIR when set), and stops it
+afterwards. Writes reports/loadtest/<UTC stamp>/:
 Locust's CSVs, JSON and HTML report, its log, latency_percentiles.png, summary.json and summary.md.
 Exits 1 naming every missed objective of loadtests/slo.yaml (or --slo), 2 when the run itself failed.
 """
@@ -22,6 +23,7 @@ import signal
 import socket
 import subprocess
 import sys
+import tempfile
 import time
 import urllib.error
 import urllib.request
@@ -110,22 +112,38 @@ def stop_process_group(process: subprocess.Popen, grace_s: float = 20) -> None:
         process.wait()
 
 
-def import_models_into_store() -> None:
+def import_models_into_store(env: dict[str, str]) -> None:
     """What `make serve` does before serving: models/ into BentoML's store (idempotent)."""
-    result = subprocess.run([sys.executable, "-m", "service.model_store", "import", "models"], cwd=REPO,
-                            capture_output=True, text=True)
+    result = subprocess.run([sys.executable, "-m", "service.model_store", "import",
+                             env.get("VISIONSERVE_CARDS_DIR") or "models"], cwd=REPO, env=env, capture_output=True,
+                            text=True)
     if result.returncode != 0:
         raise RuntimeError(f"importing models/ into BentoML's store failed:\n{result.stdout}{result.stderr}")
 
 
-def start_server(host: str, port: int, log_path: Path, timeout_s: float) -> subprocess.Popen:
+@contextlib.contextmanager
+def server_environment() -> Iterator[dict[str, str]]:
+    """The environment of a server this driver starts. Serving the checkout's cards (the default), it gets a
+    BentoML store of its own in a temporary folder, models/ imported there as `make serve` does, so that what
+    ~/bentoml holds (other checkouts' models) cannot change what is measured; a BENTOML_HOME that is set names
+    the store to use instead. VISIONSERVE_MODELS (tags of the user's store) or VISIONSERVE_MODELS_DIR (a plain
+    folder) are used as given."""
+    env = {**os.environ, "BENTOML_DO_NOT_TRACK": "True"}
+    if env.get("VISIONSERVE_MODELS_DIR") or env.get("VISIONSERVE_MODELS"):
+        yield env
+        return
+    with contextlib.ExitStack() as cleanup:
+        if not env.get("BENTOML_HOME"):
+            env["BENTOML_HOME"] = cleanup.enter_context(tempfile.TemporaryDirectory(prefix="visionserve-bentoml-"))
+        import_models_into_store(env)
+        yield env
+
+
+def start_server(host: str, port: int, log_path: Path, timeout_s: float, env: dict[str, str]) -> subprocess.Popen:
     """`bentoml serve` in its own session, returned once /readyz answers 200 (after models are warmed up)."""
-    if not os.environ.get("VISIONSERVE_MODELS_DIR"):
-        import_models_into_store()
     process = subprocess.Popen(
         [str(BIN / "bentoml"), "serve", "service.app:VisionService", "--host", host, "--port", str(port)],
-        cwd=REPO, env={**os.environ, "BENTOML_DO_NOT_TRACK": "True"},
-        stdout=open(log_path, "wb"), stderr=subprocess.STDOUT, start_new_session=True)
+        cwd=REPO, env=env, stdout=open(log_path, "wb"), stderr=subprocess.STDOUT, start_new_session=True)
     url = f"http://{host}:{port}"
     deadline = time.monotonic() + timeout_s
     while time.monotonic() < deadline:
@@ -156,11 +174,12 @@ def service_at(url: str, log_path: Path, timeout_s: float) -> Iterator[tuple[str
         print(f"loadtest: {url} is taken by something that is not a ready visionserve; serving on port {port}",
               file=sys.stderr)
     print(f"loadtest: no service at {url}; starting one (log: {log_path})", file=sys.stderr)
-    process = start_server(host, port, log_path, timeout_s)
-    try:
-        yield f"http://{host}:{port}", True
-    finally:
-        stop_process_group(process)
+    with server_environment() as env:
+        process = start_server(host, port, log_path, timeout_s, env)
+        try:
+            yield f"http://{host}:{port}", True
+        finally:
+            stop_process_group(process)
 
 
 def locust_run_options(args: argparse.Namespace, url: str, out_dir: Path) -> list[str]:

@@ -30,7 +30,7 @@ from .config import ServingConfig, access_log_from_environment, workers_from_env
 from .errors import EXCEPTION_HANDLERS, ApiError
 from .http_front import AdmissionLimit, ControlCharactersInPath, RequestBodyLimit
 from .images import configure_pillow_limits
-from .model_store import folders_to_serve
+from .model_store import models_to_serve
 from .onnx_models import preload_cuda_libraries, requested_providers
 from .openapi import build_openapi
 from .security import ApiKeyAuth
@@ -133,14 +133,14 @@ def build_front() -> Starlette:
 
 
 def check_configuration_before_serving() -> None:
-    """The configuration is read, and the models to serve found, in the `bentoml serve` process itself,
-    before any worker starts.
+    """The configuration is read, and the models to serve resolved in the store, in the `bentoml serve` process
+    itself, before any worker starts.
 
     BentoML's arbiter respawns a worker whose __init__ raises, forever and never ready (measured: with a
     missing VISIONSERVE_MODELS_DIR it logged the same traceback 270 lines a minute and did not exit), so a
     server that cannot serve anything must fail here and exit, like a bad VISIONSERVE_WORKERS does.
     """
-    folders_to_serve(ServingConfig.from_environ().models_dir)
+    models_to_serve(ServingConfig.from_environ().models)
 
 
 check_configuration_before_serving()
@@ -160,25 +160,23 @@ check_configuration_before_serving()
 )
 @bentoml.asgi_app(build_front(), path="/")
 class VisionService:
-    """Every exported model of models/ (through BentoML's model store), grouped by task."""
+    """The models the checkout's cards name (from BentoML's model store; service/model_store.py), grouped by task."""
 
     def __init__(self) -> None:
         self.config = ServingConfig.from_environ()
         inference = self.config.inference
         configure_pillow_limits(self.config.limits.max_pixels_per_image)
-        folders = folders_to_serve(self.config.models_dir)
+        models = models_to_serve(self.config.models)
         providers = requested_providers(inference.provider)
         if providers[0] == "CUDAExecutionProvider":
             preload_cuda_libraries()
-        self.classification = TaskModels("classification", folders, inference, providers)
-        self.segmentation = TaskModels("segmentation", folders, inference, providers)
-        self.generation = TaskModels("generation", folders, inference, providers)
+        self.classification = TaskModels("classification", models, inference, providers)
+        self.segmentation = TaskModels("segmentation", models, inference, providers)
+        self.generation = TaskModels("generation", models, inference, providers)
         self.tasks = [self.classification, self.segmentation, self.generation]
         if not any(task.models for task in self.tasks):
-            where = self.config.models_dir or "BentoML's model store"
-            raise RuntimeError(f"no models in {where}: import them with "
-                               "`python -m service.model_store import models` (make serve does), "
-                               "or point VISIONSERVE_MODELS_DIR at a folder of exported models")
+            raise RuntimeError(f"none of the {len(models)} models named is of a served task "
+                               f"({', '.join(task.task for task in self.tasks)})")
         logger.info("%s: %s; batching %s, %d worker(s) x %d intra-op thread(s)", READY_LOG_LINE,
                     "; ".join(f"{task.task} models {task.available} available, default {task.default_model_name()}, "
                               f"{sorted(set(task.models) - set(task.available))} unavailable" for task in self.tasks),

@@ -158,20 +158,57 @@ class InferenceConfig:
         )
 
 
+def parse_model_tags(value: str) -> tuple[str, ...]:
+    """VISIONSERVE_MODELS: comma-separated store tags `<name>:<version>` (the version may be a prefix of the
+    sha256 digits, as `bentoml models get` allows); never `latest`, which is whatever was imported last."""
+    tags: list[str] = []
+    for tag in filter(None, (part.strip() for part in value.split(","))):
+        name, sep, version = tag.partition(":")
+        if not sep or not name or not version or version == "latest":
+            raise ValueError(f"{ENV_PREFIX}MODELS={value!r}: {tag!r} is not <name>:<version>; name each model by "
+                             "its store tag (`python -m service.model_store list`), never by latest")
+        if name in {other.partition(":")[0] for other in tags}:
+            raise ValueError(f"{ENV_PREFIX}MODELS={value!r}: {name} is named twice")
+        tags.append(tag)
+    if not tags:
+        raise ValueError(f"{ENV_PREFIX}MODELS is set but names no model: give store tags, e.g. cnn:95eb377a")
+    return tuple(tags)
+
+
+@dataclass(frozen=True)
+class ModelSelection:
+    """Which models a server serves: named by the deployment, never discovered in the store (docs/SERVING.md,
+    "Which models are served"). At most one of the three is set; none: the checkout's models/*/card.json (or,
+    inside a bento, the models the bento packed)."""
+
+    models_dir: Path | None = None  # VISIONSERVE_MODELS_DIR: a folder's <name>/{model.onnx, card.json}, no store
+    tags: tuple[str, ...] = ()  # VISIONSERVE_MODELS: BentoML store tags
+    cards_dir: Path | None = None  # VISIONSERVE_CARDS_DIR: a folder of <name>/card.json whose tags the store holds
+
+    @classmethod
+    def from_environ(cls, environ: Mapping[str, str] = os.environ) -> "ModelSelection":
+        given = {name: environ.get(ENV_PREFIX + name, "").strip() for name in ("MODELS_DIR", "MODELS", "CARDS_DIR")}
+        named = [ENV_PREFIX + name for name, value in given.items() if value]
+        if len(named) > 1:
+            raise ValueError(f"{' and '.join(named)} are both set: name the models to serve one way only")
+        return cls(
+            models_dir=Path(given["MODELS_DIR"]) if given["MODELS_DIR"] else None,
+            tags=parse_model_tags(given["MODELS"]) if given["MODELS"] else (),
+            cards_dir=Path(given["CARDS_DIR"]) if given["CARDS_DIR"] else None,
+        )
+
+
 @dataclass(frozen=True)
 class ServingConfig:
-    # None: the newest version of each model in BentoML's model store (`make serve` imports models/ there);
-    # a folder: its <name>/{model.onnx, card.json} directly, bypassing the store (development, tests).
-    models_dir: Path | None
+    models: ModelSelection
     limits: RequestLimits
     inference: InferenceConfig
     api_key_required: bool = False  # VISIONSERVE_API_KEY is set (the key itself stays in the middleware)
 
     @classmethod
     def from_environ(cls, environ: Mapping[str, str] = os.environ) -> "ServingConfig":
-        folder = environ.get(ENV_PREFIX + "MODELS_DIR")
         return cls(
-            models_dir=Path(folder) if folder else None,
+            models=ModelSelection.from_environ(environ),
             limits=RequestLimits.from_environ(environ),
             inference=InferenceConfig.from_environ(environ),
             api_key_required=api_key_from_environment(environ) is not None,

@@ -1,34 +1,54 @@
-"""BentoML's model store as the hand-over point between export/ and the services (GUIDE's data flow).
+"""BentoML's model store as the hand-over point between export/ and the services (GUIDE's data flow), and the
+one rule for which models a server serves.
 
-    python -m service.model_store import models/     # what `make serve` runs; idempotent
-    python -m service.model_store list
+    python -m service.model_store import models/        # what `make serve` runs; idempotent
+    python -m service.model_store list                  # what a server started here would serve
+    python -m service.model_store build-bento models/   # what `make bento` runs: a bento pinning the cards' tags
 
 `import` copies each models/<name>/{model.onnx, card.json} into the store under the tag
 `<name>:<first 16 hex digits of the model's SHA-256>`: importing the same bytes again is a no-op, new
-bytes get a new version, and `<name>:latest` is the newest import. A model whose file does not match its
-card is not imported. The services load the newest version of each name labelled `project=visionserve`
-(or a plain folder when VISIONSERVE_MODELS_DIR is set), and verify the checksum again before loading.
+bytes get a new version. A model whose file does not match its card is not imported, nor is a card whose tag
+the store already holds with other bytes.
+
+**The served set is named, never discovered** (docs/SERVING.md, "Which models are served"): a server serves
+the models the checkout's models/*/card.json name, each looked up in the store by its own tag, and loads one
+only when the stored file's SHA-256 is the card's. A model in the store that no card names is not served, and
+`<name>:latest` (the newest import, which may come from another checkout) decides nothing. A deployment may
+name the models instead by store tags (VISIONSERVE_MODELS), by another folder of cards (VISIONSERVE_CARDS_DIR)
+or by a plain folder of exported models outside the store (VISIONSERVE_MODELS_DIR); inside a bento, by the
+tags its bento.yaml pins.
 """
 
 from __future__ import annotations
 
 import argparse
 import json
+import os
 import shutil
+import subprocess
 import sys
+import tempfile
 from pathlib import Path
 
 import bentoml
-from bentoml.exceptions import NotFound
+import yaml
+from bentoml.exceptions import BentoMLException, NotFound
 
-from .onnx_models import sha256_of_file
+from .config import ModelSelection
+from .onnx_models import ModelToServe, sha256_of_file
 
 PROJECT_LABEL = "visionserve"
 MODEL_FILES = ("model.onnx", "card.json")
+IMPORT_HINT = "import it with `python -m service.model_store import models` (make serve does)"
 
 
 def store_tag(card: dict) -> str:
     return f"{card['name']}:{card['sha256'][:16]}"
+
+
+def store_location() -> str:
+    # For messages only: BentoML keeps its models under $BENTOML_HOME/models.
+    return str(Path(os.environ.get("BENTOML_HOME", "~/bentoml")).expanduser() / "models")
 
 
 def import_model_folder(folder: Path) -> tuple[str, str]:
@@ -39,10 +59,16 @@ def import_model_folder(folder: Path) -> tuple[str, str]:
         raise ValueError(f"{folder}/model.onnx has sha256 {actual}, its card says {card.get('sha256')}: not imported")
     tag = store_tag(card)
     try:
-        bentoml.models.get(tag)
-        return tag, "already in the store"
+        stored = bentoml.models.get(tag)
     except NotFound:
-        pass
+        stored = None
+    if stored is not None:
+        # The tag is the card's checksum: a stored file with other bytes was changed after its import.
+        stored_sha256 = sha256_of_file(Path(stored.path) / "model.onnx")
+        if stored_sha256 != card["sha256"]:
+            raise ValueError(f"{tag} in the store has sha256 {stored_sha256}, its card says {card['sha256']}: "
+                             f"refused; remove it (`bentoml models delete {tag}`) and import again")
+        return tag, "already in the store"
     labels = {"project": PROJECT_LABEL, "task": card["task"]}
     metadata = {"sha256": card["sha256"], "card_version": str(card.get("version")), "source": str(folder.resolve())}
     with bentoml.models.create(tag, labels=labels, metadata=metadata) as model:
@@ -51,54 +77,147 @@ def import_model_folder(folder: Path) -> tuple[str, str]:
     return tag, "imported"
 
 
-def latest_store_folders() -> list[Path]:
-    """The newest store version of each visionserve model, as folders holding model.onnx and card.json."""
-    newest: dict[str, object] = {}
-    for model in bentoml.models.list():
-        if model.info.labels.get("project") != PROJECT_LABEL:
-            continue
-        name = model.tag.name
-        if name not in newest or model.creation_time > newest[name].creation_time:
-            newest[name] = model
-    return [Path(newest[name].path) for name in sorted(newest)]
+def default_cards_dir() -> Path:
+    # The checkout this service package lies in: `make serve`, the tests and a bare `bentoml serve` from the
+    # repository root all mean its models/, wherever they are started from.
+    return Path(__file__).resolve().parent.parent / "models"
 
 
-def model_folders(models_dir: Path | None) -> list[Path]:
-    """Where the services load models from: a folder's <name>/ subfolders, else the store's newest versions."""
-    if models_dir is None:
-        return latest_store_folders()
-    return sorted(card.parent for card in models_dir.glob("*/card.json"))
+def bento_yaml_of_this_service() -> Path | None:
+    """The bento.yaml of the bento this code runs from, if any: BentoML puts a bento's code under <bento>/src/."""
+    code_root = Path(__file__).resolve().parent.parent
+    bento_yaml = code_root.parent / "bento.yaml"
+    return bento_yaml if code_root.name == "src" and bento_yaml.is_file() else None
 
 
-def folders_to_serve(models_dir: Path | None) -> list[Path]:
-    """`model_folders`, or a RuntimeError saying what to run when there is nothing to serve."""
-    if models_dir is not None and not models_dir.is_dir():
+def card_files(cards_dir: Path) -> list[Path]:
+    return sorted(cards_dir.glob("*/card.json"))
+
+
+def read_card(path: Path) -> dict:
+    try:
+        return json.loads(path.read_text())
+    except (OSError, json.JSONDecodeError) as exc:
+        raise RuntimeError(f"{path} cannot be read ({exc}): fix or remove it, it names a model to serve") from exc
+
+
+def stored_model(tag: str, named_by: Path | str) -> bentoml.Model:
+    """The store's model of exactly this tag (a version prefix must match one version), or a one-line error."""
+    try:
+        model = bentoml.models.get(tag)
+    except NotFound:
+        raise RuntimeError(f"{named_by} names {tag}, which is not in BentoML's model store ({store_location()}): "
+                           f"{IMPORT_HINT}") from None
+    except BentoMLException as exc:  # a version prefix shared by several versions
+        raise RuntimeError(f"{named_by} names {tag}: {exc}; give more of the version") from None
+    if model.info.labels.get("project") != PROJECT_LABEL or not (Path(model.path) / "card.json").is_file():
+        raise RuntimeError(f"{named_by} names {model.tag}, which is not a visionserve model "
+                           f"(no label project={PROJECT_LABEL} or no card.json)")
+    return model
+
+
+def served_from_cards(cards_dir: Path) -> list[ModelToServe]:
+    """Each card's own tag in the store; the checkout's card is what is served, the store supplies its bytes."""
+    if not cards_dir.is_dir():
+        raise RuntimeError(f"{cards_dir} is not a folder of model cards (<name>/card.json): export models into "
+                           "models/ first (README, Export), or set VISIONSERVE_CARDS_DIR")
+    served = []
+    for card_path in card_files(cards_dir):
+        card = read_card(card_path)
+        model = stored_model(store_tag(card), card_path)
+        served.append(ModelToServe(Path(model.path), card, str(model.tag), "checkout card", card_path))
+    return served
+
+
+def served_from_tags(tags: list[str], named_by: Path | str, source: str) -> list[ModelToServe]:
+    """Store tags: the card imported with each is what is served, and it must be the card of that tag."""
+    served = []
+    for tag in tags:
+        model = stored_model(tag, named_by)
+        card = read_card(Path(model.path) / "card.json")
+        if store_tag(card) != str(model.tag):
+            raise RuntimeError(f"{named_by} names {model.tag}, whose stored card says sha256 {card.get('sha256')}: "
+                               "the store was changed after the import; import the model again")
+        served.append(ModelToServe(Path(model.path), card, str(model.tag), source, named_by))
+    return served
+
+
+def served_from_folder(models_dir: Path) -> list[ModelToServe]:
+    """A plain folder of exported models, outside the store (development, tests, benchmarks)."""
+    if not models_dir.is_dir():
         raise RuntimeError(f"VISIONSERVE_MODELS_DIR={models_dir} is not a folder: point it at a folder of exported "
-                           "models (<name>/model.onnx + card.json), or unset it to serve BentoML's model store "
-                           "(`python -m service.model_store import models`, as make serve does)")
-    folders = model_folders(models_dir)
-    if not folders:
-        where = models_dir or "BentoML's model store"
-        raise RuntimeError(f"no models in {where}: import them with `python -m service.model_store import models` "
-                           "(make serve does), or point VISIONSERVE_MODELS_DIR at a folder of exported models")
-    return folders
+                           "models (<name>/model.onnx + card.json), or unset it to serve the checkout's cards from "
+                           "BentoML's model store (`python -m service.model_store import models`, as make serve does)")
+    served = []
+    for card_path in card_files(models_dir):
+        try:
+            card = json.loads(card_path.read_text())
+        except (OSError, json.JSONDecodeError):
+            card = None  # listed unavailable, the others still serve (onnx_models.entries_of_task)
+        served.append(ModelToServe(card_path.parent, card, None, "folder", card_path))
+    return served
 
 
-def main(argv: list[str] | None = None) -> int:
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    commands = p.add_subparsers(dest="command", required=True)
-    commands.add_parser("import", help="import models/<name>/ folders").add_argument("models_dir", type=Path)
-    commands.add_parser("list", help="the versions the services would load")
-    args = p.parse_args(argv)
-    if args.command == "list":
-        for folder in latest_store_folders():
-            card = json.loads((folder / "card.json").read_text())
-            print(f"{store_tag(card)}  {card['task']}  {folder}")
-        return 0
-    folders = model_folders(args.models_dir)
+def tags_of_bento(bento_yaml: Path) -> list[str]:
+    return [str(entry["tag"]) for entry in yaml.safe_load(bento_yaml.read_text()).get("models") or []]
+
+
+def models_to_serve(selection: ModelSelection) -> list[ModelToServe]:
+    """The models the deployment names, resolved; a RuntimeError of one line when it names nothing, or names
+    something the store does not hold. Checksums are verified when each model is loaded (onnx_models)."""
+    bento_yaml = bento_yaml_of_this_service()
+    if selection.models_dir is not None:
+        served, where = served_from_folder(selection.models_dir), str(selection.models_dir)
+    elif selection.tags:
+        served, where = served_from_tags(list(selection.tags), "VISIONSERVE_MODELS", "tag list"), "VISIONSERVE_MODELS"
+    elif selection.cards_dir is None and bento_yaml is not None:
+        served, where = served_from_tags(tags_of_bento(bento_yaml), bento_yaml, "bento"), str(bento_yaml)
+    else:
+        cards_dir = selection.cards_dir or default_cards_dir()
+        served, where = served_from_cards(cards_dir), f"{cards_dir}/*/card.json"
+    if not served:
+        raise RuntimeError(f"no models in {where}: export models into models/ and import them with "
+                           "`python -m service.model_store import models` (make serve does), or point "
+                           "VISIONSERVE_MODELS_DIR at a folder of exported models")
+    names = [model.card.get("name") for model in served if model.card is not None]
+    if len(names) != len(set(names)):
+        raise RuntimeError(f"{where} names the model {max(names, key=names.count)} twice: serve one version of it")
+    return served
+
+
+def generated_bentofile(template: Path, tags: list[str]) -> str:
+    """bentofile.yaml with `models` set to exactly these tags (the committed file lists none, so no `latest`)."""
+    config = yaml.safe_load(template.read_text())
+    config["models"] = tags
+    return (f"# Generated by `python -m service.model_store build-bento` (make bento) from {template.name} and the "
+            "cards' tags.\n" + yaml.safe_dump(config, sort_keys=False))
+
+
+def build_bento(cards_dir: Path, template: Path) -> int:
+    """`bentoml build` of the service pinned to the tags of cards_dir's cards, each checked to be in the store."""
+    tags = [str(model.tag) for model in served_from_tags([store_tag(read_card(path)) for path in card_files(cards_dir)],
+                                                         cards_dir, "bento")]
+    if not tags:
+        print(f"no models/<name>/card.json under {cards_dir}: export a model first (README, Export)", file=sys.stderr)
+        return 1
+    build_ctx = template.resolve().parent
+    with tempfile.TemporaryDirectory(prefix="visionserve-bento-") as scratch:
+        bentofile = Path(scratch) / "bentofile.yaml"
+        bentofile.write_text(generated_bentofile(template, tags))
+        print(f"bento models: {', '.join(tags)}", file=sys.stderr)
+        return subprocess.run([sys.executable, "-m", "bentoml", "build", "-f", str(bentofile), str(build_ctx)]).returncode
+
+
+def print_served(selection: ModelSelection) -> None:
+    for model in models_to_serve(selection):
+        card = model.card or {}
+        print(f"{model.tag or '-'}  {card.get('task')}  {model.source}: {model.named_by}")
+
+
+def import_folders(models_dir: Path) -> int:
+    folders = [path.parent for path in card_files(models_dir)]
     if not folders:
-        print(f"no models/<name>/card.json under {args.models_dir}: export a model first (README, Export)",
-              file=sys.stderr)
+        print(f"no models/<name>/card.json under {models_dir}: export a model first (README, Export)", file=sys.stderr)
         return 1
     failed = False
     for folder in folders:
@@ -109,6 +228,27 @@ def main(argv: list[str] | None = None) -> int:
             print(f"{folder.name}: {exc}", file=sys.stderr)
             failed = True
     return 1 if failed else 0
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    commands = p.add_subparsers(dest="command", required=True)
+    commands.add_parser("import", help="import models/<name>/ folders").add_argument("models_dir", type=Path)
+    commands.add_parser("list", help="the models a server started with this environment would serve")
+    build = commands.add_parser("build-bento", help="bentoml build, pinned to the tags of these cards")
+    build.add_argument("cards_dir", type=Path)
+    build.add_argument("--bentofile", type=Path, default=Path("bentofile.yaml"), help="the template (no models)")
+    args = p.parse_args(argv)
+    try:
+        if args.command == "list":
+            print_served(ModelSelection.from_environ())
+            return 0
+        if args.command == "build-bento":
+            return build_bento(args.cards_dir, args.bentofile)
+    except (RuntimeError, ValueError) as exc:
+        print(exc, file=sys.stderr)
+        return 1
+    return import_folders(args.models_dir)
 
 
 if __name__ == "__main__":

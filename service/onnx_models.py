@@ -1,4 +1,4 @@
-"""Discovering exported models, verifying them against their cards, and running them with onnxruntime.
+"""The models to serve: verified against their cards and run with onnxruntime.
 
 The ONNX file plus its card.json is the whole contract with training/export (GUIDE): nothing here
 imports torch or training code.
@@ -7,7 +7,6 @@ imports torch or training code.
 from __future__ import annotations
 
 import hashlib
-import json
 import logging
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -18,13 +17,28 @@ import onnxruntime as ort
 logger = logging.getLogger("bentoml.visionserve")
 
 
+@dataclass(frozen=True)
+class ModelToServe:
+    """One model the deployment names (service/model_store.py resolves them): where its bytes are, the card it is
+    served under (whose sha256 the bytes must have), and where that choice came from."""
+
+    folder: Path  # holds model.onnx
+    card: dict | None  # None: the folder's card.json could not be read
+    tag: str | None  # its BentoML store tag, <name>:<sha256 prefix>; None for a plain folder
+    source: str  # "checkout card", "tag list", "bento" or "folder": shown on GET /models
+    named_by: Path | str  # the card file, bento.yaml or variable that named it: logged at start-up
+
+
 @dataclass
 class ModelEntry:
-    """One folder under models/: its card, and either a ready session or the reason it is unavailable."""
+    """One model to serve: its card, and either a ready session or the reason it is unavailable."""
 
     name: str
     folder: Path
     card: dict
+    tag: str | None = None
+    source: str = "folder"
+    named_by: Path | str = ""
     session: ort.InferenceSession | None = None
     provider: str | None = None
     unavailable_reason: str | None = None
@@ -58,6 +72,10 @@ class ModelEntry:
         """The card as GET /models shows it, plus what the server made of it."""
         return {
             **self.card,
+            # Which bytes these are and who chose them (docs/SERVING.md, "Which models are served").
+            "tag": self.tag,
+            "sha256": self.card.get("sha256"),
+            "source": self.source,
             "status": "available" if self.available else "unavailable",
             "unavailable_reason": self.unavailable_reason,
             "provider": self.provider,
@@ -72,20 +90,19 @@ def sha256_of_file(path: Path) -> str:
     return digest.hexdigest()
 
 
-def discover_model_folders(folders: list[Path], task: str) -> list[ModelEntry]:
-    """The folders whose card.json is of the given task (each folder holds model.onnx and card.json)."""
+def entries_of_task(models: list[ModelToServe], task: str) -> list[ModelEntry]:
+    """The named models whose card is of the given task; a card that could not be read is listed unavailable."""
     entries = []
-    for folder in folders:
-        card_path = folder / "card.json"
-        try:
-            card = json.loads(card_path.read_text())
-        except (OSError, json.JSONDecodeError) as exc:
-            logger.error("model %s refused: card.json unreadable (%s)", folder.name, exc)
-            entries.append(ModelEntry(folder.name, folder, {"name": folder.name}, unavailable_reason="card.json unreadable"))
+    for model in models:
+        if model.card is None:
+            logger.error("model %s refused: card.json unreadable (%s)", model.folder.name, model.named_by)
+            entries.append(ModelEntry(model.folder.name, model.folder, {"name": model.folder.name}, model.tag,
+                                      model.source, model.named_by, unavailable_reason="card.json unreadable"))
             continue
-        if card.get("task") != task:
+        if model.card.get("task") != task:
             continue
-        entries.append(ModelEntry(str(card.get("name") or folder.name), folder, card))
+        entries.append(ModelEntry(str(model.card.get("name") or model.folder.name), model.folder, model.card,
+                                  model.tag, model.source, model.named_by))
     return entries
 
 
@@ -181,5 +198,7 @@ def load_verified_model(entry: ModelEntry, intra_op_threads: int, providers: lis
     # onnxruntime-gpu silently falls back to CPU when CUDA libraries are missing: report what runs.
     entry.provider = session.get_providers()[0]
     entry.output_names = [output.name for output in session.get_outputs()]
-    logger.info("model %s %s loaded from %s: sha256 verified, provider %s (asked %s), %d intra-op threads",
-                entry.name, entry.card.get("version"), model_path, entry.provider, providers[0], intra_op_threads)
+    logger.info("model %s %s loaded from %s: sha256 verified (%s), tag %s, from %s %s; provider %s (asked %s), "
+                "%d intra-op threads", entry.name, entry.card.get("version"), model_path, expected,
+                entry.tag or "none (folder)", entry.source, entry.named_by, entry.provider, providers[0],
+                intra_op_threads)

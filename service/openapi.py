@@ -123,6 +123,12 @@ class ModelDescription(BaseModel):
     model_config = ConfigDict(extra="allow", protected_namespaces=())
     name: str
     task: str | None = None
+    tag: str | None = Field(None, description="its BentoML store tag, <name>:<sha256 prefix>; null when served "
+                                              "from a plain folder (VISIONSERVE_MODELS_DIR)")
+    sha256: str | None = Field(None, description="the SHA-256 of model.onnx its card names, verified before loading")
+    source: Literal["checkout card", "tag list", "bento", "folder"] = Field(
+        ..., description="what named it: the checkout's models/*/card.json, VISIONSERVE_MODELS, the bento's "
+                         "pinned tags, or VISIONSERVE_MODELS_DIR")
     status: Literal["available", "unavailable"]
     unavailable_reason: str | None = None
     provider: str | None = None

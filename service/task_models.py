@@ -7,14 +7,13 @@ through that model's runner (the adaptive batcher, or direct calls when batching
 from __future__ import annotations
 
 import logging
-from pathlib import Path
 
 import numpy as np
 
 from .batching import AdaptiveBatcher, DirectRunner
 from .config import InferenceConfig
 from .errors import ApiError
-from .onnx_models import ModelEntry, discover_model_folders, load_verified_model
+from .onnx_models import ModelEntry, ModelToServe, entries_of_task, load_verified_model
 
 logger = logging.getLogger("bentoml.visionserve")
 
@@ -23,10 +22,11 @@ SERVED_OUTPUT = {"classification": "probabilities", "segmentation": "mask", "gen
 
 
 class TaskModels:
-    def __init__(self, task: str, folders: list[Path], inference: InferenceConfig, providers: list[str]) -> None:
+    def __init__(self, task: str, models: list[ModelToServe], inference: InferenceConfig,
+                 providers: list[str]) -> None:
         self.task = task
         self.configured_default = inference.default_models.get(task)
-        entries = discover_model_folders(folders, task)
+        entries = entries_of_task(models, task)
         if task == "classification":
             warmup_sizes = (1, inference.max_batch_size) if inference.batching else (1, 64)
         elif task == "generation":

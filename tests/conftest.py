@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import hashlib
 import json
 import os
 import shutil
@@ -9,6 +10,7 @@ import signal
 import socket
 import subprocess
 import sys
+import tempfile
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -20,6 +22,7 @@ import pytest
 REPO = Path(__file__).resolve().parent.parent
 MODELS_DIR = REPO / "models"
 READY_LOG_LINE = "visionserve ready"
+ISOLATED_HOME = pytest.StashKey[Path]()
 # Small limits so that each limit can be exceeded cheaply in a test; the defaults have their own test.
 TEST_SERVER_LIMITS = {
     "VISIONSERVE_MAX_BODY_BYTES": str(4 * 1024 * 1024),
@@ -27,6 +30,22 @@ TEST_SERVER_LIMITS = {
     "VISIONSERVE_MAX_PIXELS": str(2_000_000),
     "VISIONSERVE_MAX_FIELD_BYTES": "1024",
 }
+
+
+def pytest_configure(config: pytest.Config) -> None:
+    """Every server and store command of the suite gets an empty BentoML home of its own unless a test gives
+    one: the machine's ~/bentoml (models imported by other checkouts, other releases) cannot make a test pass
+    or fail. Set here, before anything imports bentoml, so in-process calls and subprocesses alike see it."""
+    home = Path(tempfile.mkdtemp(prefix="visionserve-test-bentoml-"))
+    config.stash[ISOLATED_HOME] = home
+    os.environ["BENTOML_HOME"] = str(home)
+    os.environ["BENTOML_DO_NOT_TRACK"] = "True"
+
+
+def pytest_unconfigure(config: pytest.Config) -> None:
+    home = config.stash.get(ISOLATED_HOME, None)
+    if home is not None:
+        shutil.rmtree(home, ignore_errors=True)
 
 
 def free_port() -> int:
@@ -54,6 +73,9 @@ def start_server(log_path: Path, extra_env: dict[str, str], timeout_s: float = 1
     port = free_port()
     env = {**os.environ, **extra_env, "BENTOML_DO_NOT_TRACK": "True"}
     env.pop("BENTOML_HOST", None)
+    for way in ("VISIONSERVE_MODELS", "VISIONSERVE_MODELS_DIR", "VISIONSERVE_CARDS_DIR"):
+        if way not in extra_env:  # the test names the models to serve, not the developer's shell
+            env.pop(way, None)
     log_file = open(log_path, "wb")
     process = subprocess.Popen(
         [str(Path(sys.executable).parent / "bentoml"), "serve", "service.app:VisionService",
@@ -106,23 +128,55 @@ def import_into_store(bentoml_home: Path, models_dir: Path = MODELS_DIR) -> subp
                           capture_output=True, text=True, timeout=120)
 
 
+# What another checkout (or an older release) leaves in a shared store: the server must not serve it.
+FOREIGN_MODEL = "foreign"
+
+
+def model_copy(source: Path, to: Path, name: str | None = None, extra_bytes: bytes = b"") -> Path:
+    """A copy of an exported model folder, renamed and/or with bytes appended to model.onnx (a different checksum,
+    the same graph), its card made valid for the new bytes."""
+    folder = to / (name or source.name)
+    shutil.copytree(source, folder)
+    card = json.loads((folder / "card.json").read_text())
+    card["name"] = name or card["name"]
+    if extra_bytes:
+        with open(folder / "model.onnx", "ab") as f:
+            f.write(extra_bytes)
+        card["sha256"] = hashlib.sha256((folder / "model.onnx").read_bytes()).hexdigest()
+    (folder / "card.json").write_text(json.dumps(card))
+    return folder
+
+
+def newest_version_in_store(bentoml_home: Path, name: str) -> str:
+    return (bentoml_home / "models" / name / "latest").read_text().strip()
+
+
 @pytest.fixture(scope="session")
 def store_home(tmp_path_factory) -> Path:
-    """A BentoML home whose model store holds models/, imported the way `make serve` does."""
+    """A BentoML home whose model store holds models/, imported the way `make serve` does, and then what other
+    checkouts put there: a copy of a released classifier under another name, and a second version of that
+    classifier (other bytes, imported last, so it is the store's `latest`). No card of models/ names either."""
     home = tmp_path_factory.mktemp("bentoml-home")
     result = import_into_store(home)
+    assert result.returncode == 0, result.stderr
+    classifier = MODELS_DIR / ("cnn" if "cnn" in classification_cards() else next(iter(classification_cards())))
+    elsewhere = tmp_path_factory.mktemp("other-checkout")
+    model_copy(classifier, elsewhere, name=FOREIGN_MODEL)
+    model_copy(classifier, elsewhere, extra_bytes=b"\0")
+    result = import_into_store(home, elsewhere)
     assert result.returncode == 0, result.stderr
     return home
 
 
 @pytest.fixture(scope="session")
 def server(tmp_path_factory, store_home) -> RunningServer:
-    """The server as `make serve` runs it: models loaded from BentoML's model store."""
-    cards = classification_cards()
-    assert cards, "no classification models in models/"
+    """The server as `make serve` runs it: the checkout's cards, their models from BentoML's model store."""
+    assert classification_cards(), "no classification models in models/"
+    cards = {card["name"]: card for card in map(json.loads, (path.read_text() for path in
+                                                             sorted(MODELS_DIR.glob("*/card.json"))))}
     running = start_server(tmp_path_factory.mktemp("server") / "server.log",
                            {**TEST_SERVER_LIMITS, "BENTOML_HOME": str(store_home)})
-    running.cards_at_start = cards
+    running.cards_at_start = cards  # every card: the server serves exactly what they name
     yield running
     stop_server(running)
 

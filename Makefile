@@ -71,15 +71,17 @@ models-present:
 		exit 1; }
 
 # Server settings are VISIONSERVE_* environment variables (docs/SERVING.md), e.g. VISIONSERVE_WORKERS=2 make serve.
-# models/ goes into BentoML's model store first (idempotent: keyed by each model's SHA-256).
+# models/ goes into BentoML's model store first (idempotent: keyed by each model's SHA-256); the server then serves
+# exactly the tags models/*/card.json name, whatever else the store holds (docs/SERVING.md, "Which models are served").
 serve: install data models-present
 	$(BIN)/python -m service.model_store import models
 	$(BIN)/bentoml serve service.app:VisionService --host $(HOST) --port $(PORT)
 
-# A bento of the service and the store's newest models (bentofile.yaml); `bentoml containerize` takes it from there.
+# A bento of the service pinned to the tags models/*/card.json name (bentofile.yaml is the template, the models
+# list is generated from the cards); `bentoml containerize` takes it from there.
 bento: install models-present
 	$(BIN)/python -m service.model_store import models
-	$(BIN)/bentoml build
+	$(BIN)/python -m service.model_store build-bento models
 
 # Raw onnxruntime vs served, one run; writes benchmarks/results/serve.{json,md}.
 bench-serve: install data models-present

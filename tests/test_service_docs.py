@@ -13,7 +13,7 @@ from pathlib import Path
 import pytest
 import yaml
 
-from conftest import classification_cards, import_into_store
+from conftest import import_into_store
 
 pytestmark = pytest.mark.server
 REPO = Path(__file__).resolve().parent.parent
@@ -72,20 +72,28 @@ def test_python_client_example_runs_as_written(example_dir, server):
 
 
 def test_bentoml_build_packs_service_and_models(tmp_path):
-    """As `make bento` does: import models/ into the store, then build; the bento pins each model's version."""
-    env = {**os.environ, "BENTOML_HOME": str(tmp_path / "bentoml"), "BENTOML_DO_NOT_TRACK": "True"}
-    assert import_into_store(tmp_path / "bentoml").returncode == 0
-    bentoml = str(Path(sys.executable).parent / "bentoml")
-    build = subprocess.run([bentoml, "build", "--output", "tag"], cwd=REPO, env=env, capture_output=True, text=True,
-                           timeout=300)
+    """As `make bento` does: import models/ into the store, then build; the bento pins each card's own tag, never
+    `latest`, and the service inside it serves those tags without the checkout's models/."""
+    home = tmp_path / "bentoml"
+    env = {**os.environ, "BENTOML_HOME": str(home), "BENTOML_DO_NOT_TRACK": "True"}
+    assert import_into_store(home).returncode == 0
+    assert "models" not in yaml.safe_load((REPO / "bentofile.yaml").read_text())  # the template names none
+    build = subprocess.run([sys.executable, "-m", "service.model_store", "build-bento", "models"], cwd=REPO, env=env,
+                           capture_output=True, text=True, timeout=300)
     assert build.returncode == 0, build.stderr + build.stdout
-    (bento,) = [p for p in (tmp_path / "bentoml" / "bentos" / "visionserve").iterdir() if p.is_dir()]
+    (bento,) = [p for p in (home / "bentos" / "visionserve").iterdir() if p.is_dir()]
     dockerfile = (bento / "env" / "docker" / "Dockerfile").read_text()
     # The image listens on its own interfaces (the service alone defaults to loopback, unreachable there).
     assert "ARG BENTOML_HOST=0.0.0.0" in dockerfile and "ARG VISIONSERVE_WORKERS=1" in dockerfile
-    assert (bento / "src" / "service" / "classify.py").is_file()
-    packed = {entry["tag"] for entry in yaml.safe_load((bento / "bento.yaml").read_text())["models"]}
-    released = {f"{name}:{card['sha256'][:16]}" for name, card in classification_cards().items()}
-    assert packed == released
+    assert (bento / "src" / "service" / "classify.py").is_file() and not (bento / "src" / "models").exists()
+    packed = [entry["tag"] for entry in yaml.safe_load((bento / "bento.yaml").read_text())["models"]]
+    cards = [json.loads(path.read_text()) for path in sorted((REPO / "models").glob("*/card.json"))]
+    assert sorted(packed) == sorted(f"{card['name']}:{card['sha256'][:16]}" for card in cards)
+    # What the bento's service would serve: its pinned tags, named by its bento.yaml.
+    served = subprocess.run([sys.executable, "-m", "service.model_store", "list"], cwd=bento / "src", env=env,
+                            capture_output=True, text=True, timeout=60)
+    assert served.returncode == 0, served.stderr
+    assert sorted(line.split()[0] for line in served.stdout.splitlines()) == sorted(packed)
+    assert all(f"bento: {bento / 'bento.yaml'}" in line for line in served.stdout.splitlines())
     requirements = (bento / "env" / "python" / "requirements.txt").read_text()
     assert "torch" not in requirements and "onnxruntime-gpu==" in requirements

@@ -20,8 +20,9 @@ import numpy as np
 import torch
 from torch import nn
 
-from export.onnx_io import (ParityError, cpu_session, export_to_bytes, opset_of, run_batched, runtime_versions,
-                            sha256_bytes, write_model)
+from export.onnx_io import (ParityError, cpu_session, export_command, export_to_bytes, opset_of, run_batched,
+                            runtime_versions, sha256_bytes, with_command, write_model)
+from export.release import classifier_targets, release_block
 from training.data import load_dataset, train_val_split
 from training.models import build_classifier, count_parameters
 from training.plots import confusion_matrix, plot_confusion, plot_curves
@@ -240,6 +241,7 @@ def build_card(name: str, graph: ClassifierGraph, runs: list[Run], metrics: dict
         "labels": record["label_names"],
         "metrics": {"split": "test", "dataset": record["config"]["dataset"],
                     "measured_by": "onnxruntime CPUExecutionProvider on the exported graph", **metrics},
+        "release": release_block(classifier_targets(name), metrics),
         "training": training_record(first) if len(runs) == 1 else ensemble_training_record(runs),
         "parity": parity,
         "export": {"exporter": "torch.onnx.export(dynamo=True, external_data=False)", "opset": opset,
@@ -262,7 +264,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                    help="measure every --tta on the run's validation split and export the most accurate "
                         "(the cheaper one on a tie); the scores go on the card")
     p.add_argument("--dry-run", action="store_true", help="check parity and print the card without writing")
-    return p.parse_args(argv)
+    return with_command(p.parse_args(argv), argv)
 
 
 def main(args: argparse.Namespace) -> dict:
@@ -284,6 +286,7 @@ def main(args: argparse.Namespace) -> dict:
     parity = check_parity(graph, session, images[:max(args.parity_images, 1)], args.tolerance)
     metrics, predictions = onnx_test_metrics(session, images, labels, test.label_names)
     card = build_card(args.name, graph, runs, metrics, parity, opset_of(model_bytes), in_shape)
+    card["export"]["command"] = export_command("export.classifier", args)
     card["input"]["tta_validation_accuracy"] = tta_validation
     print(f"{args.name}: parity {parity['argmax_agreement']:.4f} argmax, max |dp| {parity['max_abs_probability_diff']:.2e}; "
           f"test accuracy (onnxruntime) {metrics['accuracy']:.4f}; {len(model_bytes) / 1e6:.2f} MB", flush=True)

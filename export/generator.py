@@ -5,8 +5,9 @@
 The graph is the whole generator: z float32 [N, Z] and label int64 [N] in, pixels uint8 [N, C, 28, 28] out
 (tanh -> [0, 255], rounded, inside the graph), batch dynamic. Before anything is written the graph must
 pass onnx.checker and agree with PyTorch within one grey level on 2,000 samples; the card's metrics are
-then measured on the exported graph by export.evaluate_generator (the judge's class consistency, feature
-FID and its floor), and a sample grid is saved beside it. A run trained with --ema-decay exports its
+then measured on the exported graph by export.evaluate_generator (FID, KID, precision and recall in the
+released CNN's features against the training-images reference, class consistency by the released ResNet),
+and a grid of samples beside real test images is saved next to it. A run trained with --ema-decay exports its
 averaged generator; --live-weights exports the live one instead, for comparing the two.
 """
 
@@ -20,10 +21,11 @@ import numpy as np
 import torch
 from torch import nn
 
-from export.evaluate_generator import (CONSISTENCY_GATE, FID_RATIO_GATE, SAMPLES_PER_CLASS, evaluation_inputs,
-                                       gates, generate, judge_generator)
-from export.onnx_io import (ParityError, cpu_session, export_to_bytes, opset_of, run_batched, runtime_versions,
-                            sha256_bytes, write_model)
+from export.evaluate_generator import SAMPLES_PER_CLASS, comparison_grid, evaluation_inputs, judge_generator
+from export.onnx_io import (ParityError, cpu_session, export_command, export_to_bytes, opset_of, run_batched,
+                            runtime_versions, sha256_bytes, with_command, write_model)
+from export.release import GENERATOR_TARGETS, floor_problems, release_block
+from training.data import load_dataset
 from training.models import count_parameters
 from training.models.dcgan import DCGANConfig, Generator
 from training.plots import plot_gan_curves, save_image_grid
@@ -72,6 +74,15 @@ def check_parity(graph: GeneratorGraph, session, samples: int) -> dict:
     return report
 
 
+def conditioning(config: dict) -> str:
+    words = "class embedding concatenated with z; projection discriminator in training"
+    if config.get("aux_weight"):
+        words += f", with an auxiliary class head (AC-GAN, weight {config['aux_weight']:g})"
+    if config.get("ema_decay"):
+        words += f"; released weights: moving average (decay {config['ema_decay']:g})"
+    return words
+
+
 def build_card(name: str, graph: GeneratorGraph, record: dict, run_metrics: dict, metrics: dict, parity: dict,
                opset: int, run_dir: Path, weights: str = "live") -> dict:
     cfg = graph.generator.cfg
@@ -79,8 +90,7 @@ def build_card(name: str, graph: GeneratorGraph, record: dict, run_metrics: dict
     return {
         "name": name,
         "task": "generation",
-        "architecture": {"family": "dcgan", "conditioning": "class embedding concatenated with z; projection "
-                         "discriminator in training", "config": record["model_config"],
+        "architecture": {"family": "dcgan", "conditioning": conditioning(config), "config": record["model_config"],
                          "parameters": count_parameters(graph.generator)},
         "inputs": [
             {"name": "z", "dtype": "float32", "shape": ["N", cfg.z_dim], "distribution": "standard normal"},
@@ -90,9 +100,9 @@ def build_card(name: str, graph: GeneratorGraph, record: dict, run_metrics: dict
                      "layout": "NCHW", "polarity": "light-on-dark"}],
         "labels": record["label_names"],
         "metrics": {"measured_by": "export.evaluate_generator: onnxruntime CPUExecutionProvider on the exported "
-                                   "graph and on the judge's", "dataset": config["dataset"],
-                    "gates": {"class_consistency_min": CONSISTENCY_GATE, "fid_to_floor_ratio_max": FID_RATIO_GATE},
+                                   "graph, the feature network's and the judge's", "dataset": config["dataset"],
                     **metrics},
+        "release": release_block(GENERATOR_TARGETS, metrics),
         "training": {
             "command": command_for(config), "seed": config["seed"], "config": config,
             "data_files": record["data_files"], "hardware": record["hardware"], "sessions": record.get("sessions"),
@@ -112,13 +122,14 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--run", required=True, help="a run folder written by training.train_dcgan")
     p.add_argument("--name", required=True, help="model name; written to OUT/NAME/")
     p.add_argument("--out", default="models")
-    p.add_argument("--judge", default="models/resnet", help="the released classifier whose scores go on the card")
+    p.add_argument("--features", default="models/cnn", help="the released classifier whose embedding is the feature space")
+    p.add_argument("--judge", default="models/resnet", help="the released classifier that judges class consistency")
     p.add_argument("--per-class", type=int, default=SAMPLES_PER_CLASS, help="samples per class for the metrics")
     p.add_argument("--parity-samples", type=int, default=2000)
     p.add_argument("--live-weights", action="store_true",
                    help="for a run trained with --ema-decay: export the live generator, not the averaged one")
     p.add_argument("--dry-run", action="store_true", help="check parity and print the card without writing")
-    return p.parse_args(argv)
+    return with_command(p.parse_args(argv), argv)
 
 
 def main(args: argparse.Namespace) -> dict:
@@ -132,27 +143,28 @@ def main(args: argparse.Namespace) -> dict:
     parity = check_parity(graph, session, args.parity_samples)
 
     config = record["config"]
-    scores, judge_card = judge_generator(session, Path(args.judge), config["dataset"], config["data_dir"], cfg.z_dim,
-                                         record["label_names"], args.per_class)
-    metrics = {**scores, "judge": {"name": judge_card["name"], "version": judge_card.get("version"),
-                                   "sha256": judge_card["sha256"], "test_accuracy": judge_card["metrics"]["accuracy"]},
-               "passes_gates": all(gates(scores).values())}
+    metrics = judge_generator(session, Path(args.features), Path(args.judge), config["dataset"], config["data_dir"],
+                              cfg.z_dim, record["label_names"], args.per_class)
     card = build_card(args.name, graph, record, run_metrics, metrics, parity, opset_of(model_bytes), run_dir,
                       saved["weights"])
-    print(f"{args.name} ({saved['weights']} weights): parity max {parity['max_abs_grey_level_diff']} grey level(s); class consistency "
-          f"{scores['class_consistency']:.2%}; feature FID {scores['feature_fid']:.3f} vs floor "
-          f"{scores['feature_fid_floor']:.4f} ({scores['fid_to_floor_ratio']:.2f}x; mirrored real images "
-          f"{scores['reference_mirrored_train_fid']:.4f}, {scores['reference_mirrored_train_ratio']:.2f}x); "
-          f"{len(model_bytes) / 1e6:.2f} MB", flush=True)
+    card["export"]["command"] = export_command("export.generator", args)
+    print(f"{args.name} ({saved['weights']} weights): parity max {parity['max_abs_grey_level_diff']} grey level(s); "
+          f"FID {metrics['fid']:.3f} against the reference's {metrics['reference']['fid']:.3f} "
+          f"({metrics['fid_to_reference']:.2f}x); KID {metrics['kid_mean']:.5f}; precision {metrics['precision']:.3f}, "
+          f"recall {metrics['recall']:.3f}; class consistency {metrics['class_consistency']:.2%}; "
+          f"{len(model_bytes) / 1e6:.2f} MB; {card['release']['summary']}", flush=True)
+    for problem in floor_problems(GENERATOR_TARGETS, metrics):  # the card says so too; evaluate_generator fails on it
+        print(f"{args.name}: {problem}: a broken model, not to be released", flush=True)
     if args.dry_run:
         return card | {"sha256": sha256_bytes(model_bytes)}
 
     out_dir = Path(args.out) / args.name
     write_model(out_dir, model_bytes, card)
-    z, labels = evaluation_inputs(cfg.z_dim, cfg.num_classes, 10)
-    save_image_grid(generate(session, z, labels), out_dir / "samples.png", columns=10,
-                    title=f"{args.name} (onnxruntime): one row per class, consistency {scores['class_consistency']:.1%}",
-                    row_labels=record["label_names"])
+    test = load_dataset(config["dataset"], "test", config["data_dir"])
+    grid = comparison_grid(session, cfg.z_dim, test.images.numpy(), test.labels.numpy(), cfg.num_classes)
+    save_image_grid(grid, out_dir / "samples.png", columns=21, row_labels=record["label_names"],
+                    title=f"{args.name} (onnxruntime): 10 samples per class (left) beside 10 test images; "
+                          f"consistency {metrics['class_consistency']:.1%}")
     plot_gan_curves(run_metrics["history"], out_dir / "curves.png", f"{args.name}: {card['training']['command']}")
     return json.loads((out_dir / "card.json").read_text())
 

@@ -3,9 +3,12 @@ sessions for parity checks, the file's checksum and the card beside it."""
 
 from __future__ import annotations
 
+import argparse
 import hashlib
 import json
 import platform
+import shlex
+import sys
 from datetime import datetime, timezone
 from pathlib import Path
 
@@ -59,6 +62,16 @@ def runtime_versions() -> dict:
 def opset_of(model_bytes: bytes) -> int:
     model = onnx.load_from_string(model_bytes)
     return next(o.version for o in model.opset_import if o.domain in ("", "ai.onnx"))
+
+
+def with_command(args: argparse.Namespace, argv: list[str] | None) -> argparse.Namespace:
+    """Keep the words an exporter was run with, so that its card can say the exact command."""
+    args.argv = list(sys.argv[1:] if argv is None else argv)
+    return args
+
+
+def export_command(module: str, args: argparse.Namespace) -> str:
+    return f"python -m {module} {shlex.join(args.argv)}".strip()
 
 
 def write_model(out_dir: Path, model_bytes: bytes, card: dict) -> Path:

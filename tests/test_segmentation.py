@@ -340,8 +340,11 @@ def test_independent_evaluation_agrees_with_the_card(exported):
     assert result["miou"] == pytest.approx(card["metrics"]["miou"], abs=1e-5)
     assert result["non_square_shapes_ok"] and result["mask_is_argmax"] and result["batch_independent"]
     assert 0.0 <= result["foreground_iou"] <= 1.0 and result["items"] > 0
-    # An untrained dry-run model misses the release gates, and says so; nothing else is wrong with it.
-    assert all("release gate" in p for p in result["problems"]) and len(result["problems"]) == 2
+    # An untrained dry-run model is below the floors (a broken model), and says so; nothing else is wrong with it.
+    assert all("below the floor" in p for p in result["problems"]) and result["problems"]
+    assert not result["release"]["above_floors"] and not card["release"]["above_floors"]
+    assert [f["metric"] for f in card["release"]["figures"]] == ["miou", "pixel_accuracy", "foreground_iou"]
+    assert card["release"]["figures"][0]["goal"] == 0.90 and card["release"]["figures"][0]["floor"] == 0.70
 
 
 def test_run_diagnosis_agrees_with_the_exported_graph(exported, dry_run):

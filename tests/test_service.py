@@ -267,3 +267,38 @@ def test_default_model_comes_from_the_configuration(tmp_path):
         assert "names nonesuch for classification" in running.log()
     finally:
         stop_server(running)
+
+
+def test_make_serve_serves_every_task_with_the_released_models(server_url):
+    """The store-backed server (what `make serve` runs) over the checkout's five released models: a two-item
+    64x64 test scene comes back as a mask of its own size equal to onnxruntime's, naming both garments; the
+    generator's grid is the same for the same seed and its samples are of the class asked for."""
+    from training.data import load_dataset
+    from training.scenes import fixed_test_scenes
+
+    described = httpx.get(server_url + "/models", timeout=10).json()
+    tasks = {m["name"]: m["task"] for m in described["models"] if m["status"] == "available"}
+    assert {"mlp", "cnn", "resnet", "segnet", "dcgan"} <= set(tasks)
+    assert tasks["segnet"] == "segmentation" and tasks["dcgan"] == "generation"
+
+    scenes = fixed_test_scenes(40, test=load_dataset("fashion-mnist", "test"))
+    index = next(i for i in range(len(scenes)) if (scenes.classes[i] >= 0).sum() == 2)
+    pixels, truth = scenes.images[index].numpy(), scenes.masks[index].numpy()
+    answer = httpx.post(server_url + "/segment", files={"image": ("scene.png", png_bytes(pixels), "image/png")},
+                        timeout=60)
+    assert answer.status_code == 200, answer.text
+    body = answer.json()
+    mask = np.asarray(Image.open(io.BytesIO(base64.b64decode(body["mask_png"]))))
+    assert (body["height"], body["width"]) == (64, 64) and mask.shape == (64, 64) and body["inverted"] is False
+    segnet = ort.InferenceSession(str(MODELS_DIR / "segnet" / "model.onnx"), providers=["CPUExecutionProvider"])
+    np.testing.assert_array_equal(mask, segnet.run(["mask"], {"pixels": pixels[None]})[0][0])
+    named = {c["index"] for c in body["classes"]}
+    assert {int(k) + 1 for k in scenes.classes[index] if k >= 0} <= named, (body["classes"], truth.max())
+
+    request = {"n": 16, "class": "Trouser", "seed": 7, "format": "images"}
+    first = httpx.post(server_url + "/generate", json=request, timeout=60)
+    again = httpx.post(server_url + "/generate", json=request, timeout=60)
+    assert first.status_code == 200 and first.content == again.content
+    samples = [base64.b64decode(image["png"]) for image in first.json()["images"]]
+    verdict = post_pngs(server_url, samples, top_k=1, model="cnn").json()["predictions"]
+    assert sum(p["top_k"][0]["label"] == "Trouser" for p in verdict) >= 15

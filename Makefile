@@ -7,7 +7,7 @@ PORT   ?= 3000
 FMNIST := /usr/share/datasets/fashion-mnist
 INSTALLED := $(VENV)/.installed
 
-.PHONY: help install data test serve bento evaluate bench-serve bench-train performance loadtest fuzz models-present clean \
+.PHONY: help install data test serve bento evaluate bench-serve bench-classifiers bench-train performance loadtest fuzz models-present clean \
 	overload soak faults
 .DEFAULT_GOAL := help
 
@@ -17,6 +17,7 @@ help:
 	@echo "make bento      import models/ into BentoML's store and build the bento"
 	@echo "make evaluate   evaluate the released models with onnxruntime on the full test split"
 	@echo "make bench-serve  raw onnxruntime vs served throughput and latency"
+	@echo "make bench-classifiers  raw onnxruntime ms per image of every classifier beside its accuracy"
 	@echo "make bench-train  training-step time of each architecture, NCHW vs channels_last"
 	@echo "make performance  bench-serve, then Locust per endpoint at 4-96 users: docs/PERFORMANCE.md (~15 min)"
 	@echo "make loadtest   Locust load test against objectives (serves first if nothing answers); reports/loadtest/"
@@ -86,6 +87,10 @@ bento: install models-present
 # Raw onnxruntime vs served, one run; writes benchmarks/results/serve.{json,md}.
 bench-serve: install data models-present
 	$(BIN)/python benchmarks/bench_serve.py --out benchmarks/results
+
+# Raw onnxruntime ms per image of every released classifier beside its accuracy; benchmarks/results/classifier_cost.*
+bench-classifiers: install data models-present
+	$(BIN)/python benchmarks/classifier_cost.py --out benchmarks/results
 
 # Training-step medians per architecture, both memory formats alternating in one run; benchmarks/results/train_step.*
 bench-train: install

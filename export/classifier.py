@@ -263,6 +263,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--choose-tta", action="store_true",
                    help="measure every --tta on the run's validation split and export the most accurate "
                         "(the cheaper one on a tie); the scores go on the card")
+    p.add_argument("--max-passes", type=int,
+                   help="with --choose-tta: consider only augmentations of at most this many passes per member (a "
+                        "cost budget: the ResNet student may spend 5 ResNet-20 passes, 1/8 of the ensemble's 40)")
     p.add_argument("--dry-run", action="store_true", help="check parity and print the card without writing")
     return with_command(p.parse_args(argv), argv)
 
@@ -273,7 +276,8 @@ def main(args: argparse.Namespace) -> dict:
     tta_validation = None
     if args.choose_tta:
         tta_validation = validation_accuracy_by_tta(graph, config)
-        graph.tta = max(TTA_VIEWS, key=lambda tta: (tta_validation[tta], -len(TTA_VIEWS[tta])))
+        affordable = [tta for tta in TTA_VIEWS if args.max_passes is None or len(TTA_VIEWS[tta]) <= args.max_passes]
+        graph.tta = max(affordable, key=lambda tta: (tta_validation[tta], -len(TTA_VIEWS[tta])))
         print(f"validation accuracy by test-time augmentation: {tta_validation}; chosen: {graph.tta}", flush=True)
     test = load_dataset(config["dataset"], "test", config["data_dir"])
     images, labels = test.images.numpy(), test.labels.numpy()

@@ -106,3 +106,32 @@ def test_runs_recorded_before_the_option_resume_with_their_old_memory_format():
     assert uses_channels_last(legacy, use_bf16=False) is False
     assert uses_channels_last(legacy, use_bf16=True) is True
     assert uses_channels_last({"model": "resnet", "channels_last": "on"}, use_bf16=False) is True
+
+
+def test_distillation_loss_is_zero_only_when_the_student_matches_the_teacher():
+    from training.train import distillation_loss
+
+    logits = torch.tensor([[2.0, 0.5, -1.0], [0.0, 3.0, 1.0]])
+    teacher = torch.log_softmax(logits, dim=1)
+    assert distillation_loss(logits, teacher, 4.0).item() == pytest.approx(0.0, abs=1e-6)
+    assert distillation_loss(logits.flip(1), teacher, 4.0).item() > 0.01
+
+
+def test_a_distilled_run_learns_from_its_teacher_and_records_it(tmp_path):
+    """--distill-from: the teachers' soft targets replace most of the label loss, the run records which teacher
+    files (SHA-256) taught it, and a resumed distilled run continues exactly."""
+    from training.data import sha256_file
+
+    teacher = train(tmp_path / "teacher", "--model", "mlp", "--activation", "relu", "--epochs", "6", "--lr", "3e-3")
+    best = str(teacher / "best.pt")
+    flags = ["--model", "mlp", "--activation", "relu", "--epochs", "3", "--lr", "3e-3", "--distill-from", best,
+             "--distill-weight", "0.9", "--distill-temperature", "2"]
+    student = train(tmp_path / "student", *flags)
+    record = json.loads((student / "config.json").read_text())
+    assert record["distill_from_sha256"] == {best: sha256_file(best)}
+    assert "--distill-from" in command_for(record["config"]) and record["config"]["distill_temperature"] == 2.0
+    assert json.loads((student / "metrics.json").read_text())["test_acc_torch"] > 0.8
+    stopped = train(tmp_path / "part", *flags, "--stop-after", "1")
+    resumed = main(parse_args(["--resume", str(stopped), "--no-progress"]))
+    full, again = (json.loads((r / "metrics.json").read_text())["history"] for r in (student, resumed))
+    assert [h["val_loss"] for h in full] == [h["val_loss"] for h in again]

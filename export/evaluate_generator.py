@@ -24,6 +24,7 @@ from __future__ import annotations
 import argparse
 import json
 import sys
+import warnings
 from pathlib import Path
 
 import numpy as np
@@ -67,7 +68,11 @@ def frechet_distance(features_a: np.ndarray, features_b: np.ndarray) -> float:
     a, b = features_a.astype(np.float64), features_b.astype(np.float64)
     mu_a, mu_b = a.mean(0), b.mean(0)
     cov_a, cov_b = np.cov(a, rowvar=False), np.cov(b, rowvar=False)
-    root = linalg.sqrtm(cov_a @ cov_b)
+    with warnings.catch_warnings():
+        # The CNN's ReLU features have dead dimensions (15 of 128 are zero on every test image), so these
+        # covariances are singular and scipy warns on each call; the root is still what FID's reference takes.
+        warnings.simplefilter("ignore", linalg.LinAlgWarning)
+        root = linalg.sqrtm(cov_a @ cov_b)
     if not np.isfinite(root).all():  # nearly singular product: regularise, as the reference implementation does
         offset = np.eye(len(cov_a)) * 1e-6
         root = linalg.sqrtm((cov_a + offset) @ (cov_b + offset))
@@ -185,10 +190,6 @@ def score_generator(generator: ort.InferenceSession, features: ort.InferenceSess
                               f"{len(test_images):,} test images: what a perfect generator would score", **reference},
         "real_images": {"test": int(len(test_images)), "train_subset": int(len(real_images))},
     }
-
-
-def card_of(model_dir: Path) -> dict:
-    return json.loads((model_dir / "card.json").read_text())
 
 
 def network_record(card: dict) -> dict:

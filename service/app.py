@@ -25,7 +25,7 @@ from starlette.requests import Request
 from starlette.responses import JSONResponse
 from starlette.routing import Route
 
-from . import classify, generate, segment
+from . import classify, generate, segment, v2
 from .config import ServingConfig, access_log_from_environment, workers_from_environment
 from .errors import EXCEPTION_HANDLERS, ApiError
 from .http_front import AdmissionLimit, ControlCharactersInPath, RequestBodyLimit
@@ -113,6 +113,7 @@ def build_front() -> Starlette:
             *classify.ROUTES,
             *segment.ROUTES,
             *generate.ROUTES,
+            *v2.ROUTES,
             Route("/models", list_models, methods=["GET"]),
             Route("/models/{name}", show_model, methods=["GET"]),
             Route("/openapi.json", openapi_document, methods=["GET"]),
@@ -121,6 +122,7 @@ def build_front() -> Starlette:
             Route("/segment/{rest:path}", unknown_path, methods=any_method),
             Route("/generate/{rest:path}", unknown_path, methods=any_method),
             Route("/models/{name}/{rest:path}", unknown_path, methods=any_method),
+            Route("/v2/{rest:path}", unknown_path, methods=any_method),
         ],
         middleware=[Middleware(AdmissionLimit,
                                max_in_flight=lambda: current_service().config.inference.max_in_flight_requests,

@@ -355,3 +355,24 @@ def test_run_diagnosis_agrees_with_the_exported_graph(exported, dry_run):
     assert diagnosis["miou"] == pytest.approx(card["metrics"]["miou"], abs=2e-3)
     assert diagnosis["pixel_accuracy"] == pytest.approx(card["metrics"]["pixel_accuracy"], abs=1e-3)
     assert 0.0 <= diagnosis["majority_class_true_outline_miou"] <= 1.0
+
+
+def test_two_stage_renames_each_region_with_the_classifier():
+    """evaluate_segmenter --two-stage: every 8-connected garment region of a mask gets the class a released
+    classifier gives the region alone (fitted like a Fashion-MNIST item); background stays background."""
+    import onnxruntime as ort
+
+    from training.data import load_dataset
+
+    items = load_dataset("fashion-mnist", "test")
+    canvas = np.zeros((1, 1, 64, 64), np.uint8)
+    canvas[0, 0, 2:30, 2:30] = items.images[0, 0].numpy()     # two items far apart: two regions
+    canvas[0, 0, 34:62, 34:62] = items.images[1, 0].numpy()
+    predicted = np.where(canvas[:, 0] > 40, 5, 0).astype(np.uint8)  # outlines right, every name wrong (class 4)
+    classifier = ort.InferenceSession("models/cnn/model.onnx", providers=["CPUExecutionProvider"])
+    renamed, regions = evaluate_segmenter.two_stage_masks(canvas, predicted, classifier)
+    assert regions == 2 and np.array_equal(renamed > 0, predicted > 0)
+    labels = items.labels[:2].tolist()
+    assert renamed[0, 15, 15] == labels[0] + 1 and renamed[0, 48, 48] == labels[1] + 1
+    fitted = evaluate_segmenter.fit_component(canvas[0, 0], predicted[0] > 0)
+    assert fitted.shape == (1, 28, 28) and fitted.dtype == np.uint8

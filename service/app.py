@@ -31,7 +31,8 @@ from .errors import EXCEPTION_HANDLERS, ApiError
 from .http_front import AdmissionLimit, ControlCharactersInPath, RequestBodyLimit
 from .images import configure_pillow_limits
 from .model_store import models_to_serve
-from .onnx_models import preload_cuda_libraries, requested_providers
+from .onnx_models import (GPU_INSTALL_HINT, cuda_missing, preload_cuda_libraries, requested_providers,
+                          sessions_not_on_cuda)
 from .openapi import build_openapi
 from .security import ApiKeyAuth
 from .task_models import TaskModels
@@ -142,7 +143,15 @@ def check_configuration_before_serving() -> None:
     missing VISIONSERVE_MODELS_DIR it logged the same traceback 270 lines a minute and did not exit), so a
     server that cannot serve anything must fail here and exit, like a bad VISIONSERVE_WORKERS does.
     """
-    models_to_serve(ServingConfig.from_environ().models)
+    config = ServingConfig.from_environ()
+    models = models_to_serve(config.models)
+    if config.inference.device == "cuda":
+        # A GPU deployment that silently ran on CPU would be 10-100x slower and look healthy: refuse instead.
+        probe = next((model.folder / "model.onnx" for model in models if (model.folder / "model.onnx").is_file()), None)
+        reason = cuda_missing(probe)
+        if reason:
+            raise RuntimeError(f"VISIONSERVE_DEVICE=cuda, but CUDA cannot run: {reason}. "
+                               "VISIONSERVE_DEVICE=auto serves on CPU instead.")
 
 
 check_configuration_before_serving()
@@ -169,13 +178,14 @@ class VisionService:
         inference = self.config.inference
         configure_pillow_limits(self.config.limits.max_pixels_per_image)
         models = models_to_serve(self.config.models)
-        providers = requested_providers(inference.provider)
+        providers = requested_providers(inference.device)
         if providers[0] == "CUDAExecutionProvider":
             preload_cuda_libraries()
         self.classification = TaskModels("classification", models, inference, providers)
         self.segmentation = TaskModels("segmentation", models, inference, providers)
         self.generation = TaskModels("generation", models, inference, providers)
         self.tasks = [self.classification, self.segmentation, self.generation]
+        self.check_device(inference.device)
         if not any(task.models for task in self.tasks):
             raise RuntimeError(f"none of the {len(models)} models named is of a served task "
                                f"({', '.join(task.task for task in self.tasks)})")
@@ -186,6 +196,16 @@ class VisionService:
         logger.info("API key authentication %s", "on (VISIONSERVE_API_KEY)" if self.config.api_key_required
                     else "off: set VISIONSERVE_API_KEY to require a key")
         self._openapi: dict | None = None
+
+    def check_device(self, device: str) -> None:
+        """Say which provider each model really runs on; with VISIONSERVE_DEVICE=cuda, refuse any on CPU."""
+        entries = [entry for task in self.tasks for entry in task.models.values() if entry.available]
+        logger.info("VISIONSERVE_DEVICE=%s: %s", device,
+                    ", ".join(f"{entry.name} on {entry.provider}" for entry in entries) or "no model loaded")
+        not_on_cuda = sessions_not_on_cuda(entries)
+        if device == "cuda" and not_on_cuda:
+            raise RuntimeError(f"VISIONSERVE_DEVICE=cuda, but these sessions run on CPU: {', '.join(not_on_cuda)}; "
+                               + GPU_INSTALL_HINT)
 
     def openapi_document(self) -> dict:
         if self._openapi is None:
@@ -202,6 +222,7 @@ class VisionService:
             "default": {task.task: task.default_model_name() for task in self.tasks},
             "models": [entry.describe() for task in self.tasks for entry in task.models.values()],
             "serving": {
+                "device": inference.device,  # what was asked; each model's `provider` is what really runs
                 "workers": inference.workers,
                 "intra_op_threads": inference.intra_op_threads,
                 "batching": inference.batching,

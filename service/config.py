@@ -50,6 +50,19 @@ def api_key_from_environment(environ: Mapping[str, str] = os.environ) -> str | N
     return key or None
 
 
+DEVICES = ("auto", "cpu", "cuda")
+
+
+def device_from_environment(environ: Mapping[str, str] = os.environ) -> str:
+    """VISIONSERVE_DEVICE (auto, cpu or cuda); VISIONSERVE_PROVIDER, its earlier name, is still read."""
+    name, raw = next(((ENV_PREFIX + key, environ[ENV_PREFIX + key]) for key in ("DEVICE", "PROVIDER")
+                      if environ.get(ENV_PREFIX + key)), (ENV_PREFIX + "DEVICE", "auto"))
+    device = raw.strip().lower()
+    if device not in DEVICES:
+        raise ValueError(f"{name}={raw}: choose {', '.join(DEVICES)}")
+    return device
+
+
 TASKS = ("classification", "segmentation", "generation")
 DEFAULT_MODELS = "classification=cnn"
 
@@ -101,7 +114,9 @@ class InferenceConfig:
 
     workers: int
     intra_op_threads: int
-    provider: str  # "auto" (CUDA when a GPU really runs, else CPU), "cpu" or "cuda"
+    # VISIONSERVE_DEVICE: "auto" (CUDA where it really runs, else CPU), "cpu", or "cuda" (CUDA on every session
+    # or the server refuses to start: service/onnx_models.py, cuda_missing)
+    device: str
     batching: bool
     max_batch_size: int
     # Images waiting for a model before new requests get 503 + Retry-After. In a closed loop the
@@ -132,9 +147,7 @@ class InferenceConfig:
     @classmethod
     def from_environ(cls, environ: Mapping[str, str] = os.environ) -> "InferenceConfig":
         workers = workers_from_environment(environ)
-        provider = environ.get(ENV_PREFIX + "PROVIDER", "auto").lower()
-        if provider not in ("auto", "cpu", "cuda"):
-            raise ValueError(f"{ENV_PREFIX}PROVIDER={provider}: choose auto, cpu or cuda")
+        device = device_from_environment(environ)
         batching = environ.get(ENV_PREFIX + "BATCHING", "on").lower()
         if batching not in ("on", "off"):
             raise ValueError(f"{ENV_PREFIX}BATCHING={batching}: choose on or off")
@@ -143,7 +156,7 @@ class InferenceConfig:
             # One worker per core at most is useful; threads split the cores so workers do not
             # oversubscribe them (GUIDE: each session uses every core by default).
             intra_op_threads=_int(environ, "THREADS", max(1, available_cores() // workers)),
-            provider=provider,
+            device=device,
             batching=batching == "on",
             max_batch_size=_int(environ, "MAX_BATCH_SIZE", 256),
             max_queued_images=_int(environ, "MAX_QUEUED_IMAGES", 2048),

@@ -121,11 +121,42 @@ def preload_cuda_libraries() -> None:
             logger.warning("onnxruntime.preload_dlls failed: %s", exc)
 
 
-def requested_providers(preference: str) -> list[str]:
-    wants_cuda = preference == "cuda" or (preference == "auto" and cuda_driver_present())
-    if wants_cuda and "CUDAExecutionProvider" in ort.get_available_providers():
-        return ["CUDAExecutionProvider", "CPUExecutionProvider"]
-    return ["CPUExecutionProvider"]
+CUDA = "CUDAExecutionProvider"
+CPU = "CPUExecutionProvider"
+GPU_INSTALL_HINT = ("install the CUDA 13 and cuDNN 9 wheels onnxruntime-gpu 1.31.1 declares in its [cuda,cudnn] "
+                    "extras (`make serve GPU=1`, deploy/requirements-gpu.txt), or use the GPU image")
+
+
+def requested_providers(device: str) -> list[str]:
+    """The providers sessions are created with. `cuda` asks for CUDA whatever this machine has: whether it really
+    runs is read back from each session (cuda_missing, sessions_not_on_cuda), never from this list."""
+    wants_cuda = device == "cuda" or (device == "auto" and cuda_driver_present()
+                                      and CUDA in ort.get_available_providers())
+    return [CUDA, CPU] if wants_cuda else [CPU]
+
+
+def cuda_missing(probe_model: Path | None) -> str | None:
+    """Why the CUDA execution provider cannot run here, or None when a session on probe_model really runs on it.
+    Cheap on a CPU machine (no session is made without a driver); on a GPU, one small session."""
+    if not cuda_driver_present():
+        return "no NVIDIA driver on this machine (/proc/driver/nvidia/version is missing): no GPU, or no driver loaded"
+    available = ort.get_available_providers()
+    if CUDA not in available:
+        return (f"onnxruntime {ort.__version__} has no CUDA execution provider (it has {', '.join(available)}): "
+                "install onnxruntime-gpu==1.31.1")
+    preload_cuda_libraries()
+    if probe_model is not None:
+        # onnxruntime-gpu lists CUDA even when its libraries are missing and then runs on CPU: ask the session.
+        session = create_session(probe_model, 1, [CUDA, CPU])
+        if session.get_providers()[0] != CUDA:
+            return f"the CUDA execution provider did not start on {probe_model} (CUDA or cuDNN libraries missing): " \
+                   + GPU_INSTALL_HINT
+    return None
+
+
+def sessions_not_on_cuda(entries: list[ModelEntry]) -> list[str]:
+    """`name (provider)` of each loaded model whose session does not run on CUDA."""
+    return [f"{entry.name} ({entry.provider})" for entry in entries if entry.available and entry.provider != CUDA]
 
 
 def create_session(model_path: Path, intra_op_threads: int, providers: list[str],

@@ -25,7 +25,7 @@ from starlette.requests import Request
 from starlette.responses import JSONResponse
 from starlette.routing import Route
 
-from . import classify, generate, segment, v2
+from . import classify, generate, segment, v2, web
 from .config import ServingConfig, access_log_from_environment, workers_from_environment
 from .errors import EXCEPTION_HANDLERS, ApiError
 from .http_front import AdmissionLimit, ControlCharactersInPath, RequestBodyLimit
@@ -115,6 +115,7 @@ def build_front() -> Starlette:
             *segment.ROUTES,
             *generate.ROUTES,
             *v2.ROUTES,
+            *web.ROUTES,  # the web page at /, Swagger UI at /docs (service/web.py)
             Route("/models", list_models, methods=["GET"]),
             Route("/models/{name}", show_model, methods=["GET"]),
             Route("/openapi.json", openapi_document, methods=["GET"]),

@@ -7,13 +7,14 @@ PORT   ?= 3000
 FMNIST := /usr/share/datasets/fashion-mnist
 INSTALLED := $(VENV)/.installed
 
-.PHONY: help install data test serve bento evaluate bench-serve bench-classifiers bench-train performance loadtest fuzz models-present clean \
+.PHONY: help install data test serve bento evaluate bench-serve bench-classifiers bench-train performance loadtest fuzz models-present browser screenshots clean \
 	overload soak faults
 .DEFAULT_GOAL := help
 
 help:
 	@echo "make serve      install, check data and models, serve every endpoint on http://$(HOST):$(PORT)"
 	@echo "make test       install and run the whole test suite"
+	@echo "make screenshots  the web page's sections in Chromium: docs/img/web-*.png"
 	@echo "make bento      import models/ into BentoML's store and build the bento"
 	@echo "make evaluate   evaluate the released models with onnxruntime on the full test split"
 	@echo "make bench-serve  raw onnxruntime vs served throughput and latency"
@@ -55,8 +56,29 @@ $(FMNIST)/t10k-labels-idx1-ubyte.gz:
 	fi
 	@test -f $@ || { echo "dataset-fashion-mnist installed but $@ is missing"; exit 1; }
 
-test: install data
+# The web page's tests (tests/test_web.py) drive Debian's chromium through Playwright: no browser download.
+CHROMIUM := /usr/bin/chromium
+browser: $(CHROMIUM)
+
+$(CHROMIUM):
+	@if [ "$$(id -u)" = 0 ]; then \
+		apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq chromium; \
+	elif sudo -n true 2>/dev/null; then \
+		sudo apt-get update -qq && sudo DEBIAN_FRONTEND=noninteractive apt-get install -y -qq chromium; \
+	else \
+		echo "Chromium is missing from $(CHROMIUM) (the web page's browser tests need it)."; \
+		echo "Install it as root: apt-get install chromium (Debian), then run make again."; \
+		exit 1; \
+	fi
+	@test -x $@ || { echo "chromium installed but $@ is missing"; exit 1; }
+
+test: install data browser
 	$(BIN)/python -m pytest
+
+# docs/img/web-{classify,segment,generate,models}.png: the screenshot test of tests/test_web.py, against a
+# server of the released models, writing there instead of a temporary folder.
+screenshots: install data browser models-present
+	VISIONSERVE_SCREENSHOT_DIR=docs/img $(BIN)/python -m pytest tests/test_web.py -q -k screenshots
 
 evaluate: install data
 	$(BIN)/python -m export.evaluate --models models --out benchmarks/results

@@ -2,7 +2,8 @@
 
 Set VISIONSERVE_API_KEY and every request must carry `Authorization: Bearer <key>` or `X-API-Key: <key>`;
 anything else gets 401 in the API's error shape with a `WWW-Authenticate` challenge (RFC 6750). Only the
-probes an orchestrator calls without credentials stay open: /livez, /healthz and /readyz. /metrics needs
+probes an orchestrator calls without credentials stay open: /livez, /healthz and /readyz, and the Open Inference
+Protocol's /v2/health/live and /v2/health/ready (KServe's probes, deploy/kserve/). /metrics needs
 the key like the rest: it names the endpoints and their traffic, and Prometheus can send a bearer token.
 
 Registered on the BentoML service (not the mounted Starlette app) so that it also guards BentoML's own
@@ -19,7 +20,7 @@ from starlette.types import ASGIApp, Receive, Scope, Send
 from .config import api_key_from_environment
 from .errors import error_body
 
-OPEN_PATHS = frozenset({"/livez", "/healthz", "/readyz"})
+OPEN_PATHS = frozenset({"/livez", "/healthz", "/readyz", "/v2/health/live", "/v2/health/ready"})
 REALM = "visionserve"
 
 

@@ -63,3 +63,12 @@ def test_cuda_on_a_machine_without_it_refuses_to_start_fast():
     assert result.returncode == 1
     assert "VISIONSERVE_DEVICE=cuda, but CUDA cannot run: no NVIDIA driver" in result.stderr
     assert time.monotonic() - started < 30
+
+
+@no_cuda_here
+def test_gpu_check_says_why_it_skipped_and_writes_nothing(tmp_path):
+    result = subprocess.run([sys.executable, "benchmarks/gpu_check.py", "--out", str(tmp_path / "out")], cwd=REPO,
+                            capture_output=True, text=True, timeout=60)
+    assert result.returncode == 0, result.stderr
+    assert result.stdout.startswith("gpu-check skipped: no NVIDIA driver")
+    assert not (tmp_path / "out").exists()

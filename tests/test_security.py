@@ -200,7 +200,7 @@ def test_without_the_key_every_route_answers_401(auth_server, method, path, requ
     assert response.headers["www-authenticate"] == 'Bearer realm="visionserve"'
 
 
-@pytest.mark.parametrize("path", ["/livez", "/healthz", "/readyz"])
+@pytest.mark.parametrize("path", ["/livez", "/healthz", "/readyz", "/v2/health/live", "/v2/health/ready"])
 def test_probes_need_no_key(auth_server, path):
     assert httpx.get(auth_server.url + path, timeout=10).status_code == 200
 

@@ -224,6 +224,13 @@ def test_screenshots_of_each_section(page, tmp_path):
     page.wait_for_selector("#segment-result img.overlay")
     assert image_loaded(page, "#segment-result img.overlay")
     generated_image(page, 3, 7)
+    page.fill("#interpolate-from", "7")
+    page.fill("#interpolate-to", "8")
+    page.fill("#interpolate-steps", "8")
+    page.click("#interpolate-run")
+    page.wait_for_selector("#interpolate-result output:text('step 1 of 8')")
+    assert image_loaded(page, "#interpolate-result img.strip")
+    page.locator("#interpolate-slider").fill("3")
     for section in ("classify", "segment", "generate", "models"):
         path = out / f"web-{section}.png"
         page.locator(f"#{section}").screenshot(path=str(path), animations="disabled")

@@ -221,3 +221,9 @@ def test_gpu_bento_is_the_bento_plus_onnxruntime_gpus_own_cuda_wheels():
     assert [p for p in gpu["python"]["packages"] if p.startswith("onnxruntime")] == ["onnxruntime-gpu[cuda,cudnn]==1.31.1"]
     assert set(template["python"]["packages"]) - {"onnxruntime-gpu==1.31.1"} <= set(gpu["python"]["packages"])
     assert {"name": "VISIONSERVE_DEVICE", "value": "cuda"} in gpu["envs"]
+
+
+def test_deploy_doc_names_every_manifest():
+    doc = (REPO / "docs" / "DEPLOY.md").read_text()
+    for path in [*KUBERNETES.glob("*.yaml"), KSERVE]:
+        assert path.name in doc, path.name

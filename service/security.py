@@ -5,9 +5,11 @@ anything else gets 401 in the API's error shape with a `WWW-Authenticate` challe
 probes an orchestrator calls without credentials stay open: /livez, /healthz and /readyz, and the Open Inference
 Protocol's /v2/health/live and /v2/health/ready (KServe's probes, deploy/kserve/). /metrics needs
 the key like the rest: it names the endpoints and their traffic, and Prometheus can send a bearer token.
+The web page at / and its files under /static/ are open too: they hold no data, and the page is where a
+browser user enters the key (service/web.py); every route the page calls needs it.
 
 Registered on the BentoML service (not the mounted Starlette app) so that it also guards BentoML's own
-routes: the UI at /, /docs.json, /schema.json and /metrics.
+routes: /docs.json, /schema.json, /metrics and the Swagger UI's files (/docs itself is ours, guarded too).
 """
 
 from __future__ import annotations
@@ -19,6 +21,7 @@ from starlette.types import ASGIApp, Receive, Scope, Send
 
 from .config import api_key_from_environment
 from .errors import error_body
+from .web import is_public_page_path
 
 OPEN_PATHS = frozenset({"/livez", "/healthz", "/readyz", "/v2/health/live", "/v2/health/ready"})
 REALM = "visionserve"
@@ -63,7 +66,7 @@ class ApiKeyAuth:
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         if (self.expected is None or scope["type"] != "http" or scope["path"] in OPEN_PATHS
-                or is_cors_preflight(scope)):
+                or is_public_page_path(scope["path"]) or is_cors_preflight(scope)):
             await self.app(scope, receive, send)
             return
         presented = presented_keys(scope["headers"])

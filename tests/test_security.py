@@ -186,7 +186,7 @@ def auth_server(tmp_path_factory, auth_models):
 
 
 GUARDED = [("GET", "/models", {}), ("GET", "/models/broken", {}), ("GET", "/openapi.json", {}),
-           ("GET", "/", {}), ("GET", "/docs.json", {}), ("GET", "/schema.json", {}), ("GET", "/metrics", {}),
+           ("GET", "/docs", {}), ("GET", "/docs.json", {}), ("GET", "/schema.json", {}), ("GET", "/metrics", {}),
            ("POST", "/classify", {"files": [("images", ("a.png", png(), "image/png"))]}),
            ("POST", "/classify/json", {"json": {"images": []}}), ("POST", "/classify/tensor", {"content": b""}),
            ("POST", "/segment", {"json": {}}), ("POST", "/generate", {"json": {}}),

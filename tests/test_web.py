@@ -19,6 +19,7 @@ from pathlib import Path
 import httpx
 import pytest
 
+from conftest import MODELS_DIR, start_server, stop_server
 from web_samples import CLASSIFY_SAMPLES, SAMPLES_DIR, SCENE_SAMPLE, sample_images
 
 sync_api = pytest.importorskip("playwright.sync_api", reason="playwright is in the test extra: make install")
@@ -30,6 +31,7 @@ CHROMIUM_ARGS = ["--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-
                  "--disable-background-networking", "--disable-component-update", "--disable-sync"]
 TIMEOUT_MS = 60_000  # answers on a busy 2-core machine; waiting is for elements, never a fixed sleep
 SCREENSHOT_DIR_VARIABLE = "VISIONSERVE_SCREENSHOT_DIR"
+API_KEY = "web-page-test-key-0123456789"
 SAMPLE_LABELS = {"ankle-boot.png": "Ankle boot", "pullover.png": "Pullover", "trouser.png": "Trouser",
                  "sneaker.png": "Sneaker"}
 
@@ -235,6 +237,44 @@ def test_screenshots_of_each_section(page, tmp_path):
         path = out / f"web-{section}.png"
         page.locator(f"#{section}").screenshot(path=str(path), animations="disabled")
         assert path.stat().st_size > 1000, path
+
+
+@pytest.fixture(scope="module")
+def key_server(tmp_path_factory):
+    """A server that needs an API key, with one classifier only (a quick start)."""
+    models = tmp_path_factory.mktemp("key-models")
+    shutil.copytree(MODELS_DIR / "cnn", models / "cnn")
+    running = start_server(tmp_path_factory.mktemp("key-server") / "server.log",
+                           {"VISIONSERVE_MODELS_DIR": str(models), "VISIONSERVE_API_KEY": API_KEY,
+                            "OMP_NUM_THREADS": "1", "OMP_WAIT_POLICY": "PASSIVE"})
+    yield running
+    stop_server(running)
+
+
+def test_with_an_api_key_the_page_asks_for_it_and_keeps_it_in_session_storage(browser, key_server):
+    for path in ("/", "/static/app.js", "/static/samples/ankle-boot.png"):  # the page itself needs no key
+        assert httpx.get(key_server.url + path, timeout=10).status_code == 200, path
+    assert httpx.get(key_server.url + "/models", timeout=10).status_code == 401
+    context = browser.new_context()
+    try:
+        page = context.new_page()
+        page.set_default_timeout(TIMEOUT_MS)
+        page.goto(key_server.url + "/")
+        page.wait_for_selector("#api-key-form:not([hidden])")
+        assert "needs an API key (HTTP 401" in page.inner_text("#api-key-message")
+        assert page.inner_text("#models-result .error").startswith("Unauthorized: this server needs an API key")
+        page.fill("#api-key", "not-the-key")
+        page.press("#api-key", "Enter")  # the form works from the keyboard
+        page.wait_for_selector("#api-key-message:text('the API key is not valid')")
+        page.fill("#api-key", API_KEY)
+        page.click("#api-key-save")
+        page.wait_for_selector("#models-result .model-card[data-model='cnn']")
+        assert page.inner_text("#api-key-message") == "The key works."
+        assert page.evaluate("() => sessionStorage.getItem('visionserve-api-key')") == API_KEY
+        page.click("#classify .sample[data-sample$='ankle-boot.png']")
+        page.wait_for_selector("#classify-result .prediction[data-top-label='Ankle boot']")
+    finally:
+        context.close()
 
 
 def test_every_request_went_to_the_servers_own_origin(record, server_url):

@@ -204,6 +204,18 @@ def test_models_section_shows_each_cards_essentials(page, server_url):
             assert figure["text"] in text, (model["name"], figure["text"])
 
 
+def test_swagger_ui_at_docs_renders_our_routes_under_its_policy(page, server_url, record):
+    docs = page.context.new_page()
+    docs.on("request", lambda request: record.requests.append(request.url))
+    docs.on("console", lambda message: message.type == "error" and record.console_errors.append(message.text))
+    docs.on("pageerror", lambda error: record.page_errors.append(str(error)))
+    try:
+        docs.goto(server_url + "/docs")
+        docs.wait_for_selector(".swagger-ui .opblock-summary-path[data-path='/classify']", timeout=TIMEOUT_MS)
+    finally:
+        docs.close()
+
+
 def test_phone_width_has_no_horizontal_scroll(browser, server_url):
     context = browser.new_context(viewport={"width": 375, "height": 800}, is_mobile=True)
     try:

@@ -11,6 +11,7 @@ VISIONSERVE_* environment variables (service/config.py, docs/SERVING.md).
 from __future__ import annotations
 
 import contextlib
+import functools
 import gc
 import importlib
 import logging
@@ -158,6 +159,15 @@ def check_configuration_before_serving() -> None:
 check_configuration_before_serving()
 
 
+@functools.cache
+def model_provider_gauge() -> bentoml.metrics.Gauge:
+    """visionserve_model_provider{model, provider} = 1 on /metrics: which execution provider each model really runs
+    on, per live worker (made on first use, in the worker, not at import)."""
+    return bentoml.metrics.Gauge(name="visionserve_model_provider", labelnames=["model", "provider"],
+                                 documentation="1 for the execution provider each served model's session runs on",
+                                 multiprocess_mode="livemax")
+
+
 @bentoml.service(
     name="visionserve",
     # BentoML fixes workers when the class is declared; the env var is read there, once.
@@ -203,6 +213,8 @@ class VisionService:
         entries = [entry for task in self.tasks for entry in task.models.values() if entry.available]
         logger.info("VISIONSERVE_DEVICE=%s: %s", device,
                     ", ".join(f"{entry.name} on {entry.provider}" for entry in entries) or "no model loaded")
+        for entry in entries:
+            model_provider_gauge().labels(model=entry.name, provider=entry.provider).set(1)
         not_on_cuda = sessions_not_on_cuda(entries)
         if device == "cuda" and not_on_cuda:
             raise RuntimeError(f"VISIONSERVE_DEVICE=cuda, but these sessions run on CPU: {', '.join(not_on_cuda)}; "

@@ -72,3 +72,18 @@ def test_gpu_check_says_why_it_skipped_and_writes_nothing(tmp_path):
     assert result.returncode == 0, result.stderr
     assert result.stdout.startswith("gpu-check skipped: no NVIDIA driver")
     assert not (tmp_path / "out").exists()
+
+
+@no_cuda_here
+@pytest.mark.server
+def test_the_session_server_reports_the_device_and_each_provider(server):
+    """`auto` (the default) on this machine: every model on CPU, said by GET /models and by /metrics."""
+    import httpx
+
+    described = httpx.get(server.url + "/models", timeout=10).json()
+    assert described["serving"]["device"] == "auto"
+    assert {model["provider"] for model in described["models"] if model["status"] == "available"} == {CPU}
+    metrics = httpx.get(server.url + "/metrics", timeout=10).text
+    for model in described["models"]:
+        if model["status"] == "available":
+            assert f'visionserve_model_provider{{model="{model["name"]}",provider="{CPU}"}} 1.0' in metrics

@@ -16,7 +16,7 @@ import asyncio
 from collections import deque
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
-from typing import Callable
+from typing import Callable, Sequence
 
 import numpy as np
 
@@ -27,14 +27,25 @@ from .errors import ApiError
 class _Pending:
     pixels: np.ndarray
     future: asyncio.Future
+    outputs: tuple[str, ...] | None  # the graph outputs this request asked for; None: the served one
+
+
+# run_batch(pixels, output_names) -> {name: array}: one model call for the union of the batch's outputs.
+RunOutputs = Callable[[np.ndarray, Sequence[str]], dict[str, np.ndarray]]
 
 
 class AdaptiveBatcher:
-    """Coalesces concurrent `infer` calls for one model into batched calls of `run_batch` on one thread."""
+    """Coalesces concurrent `infer` calls for one model into batched calls of `run_batch` on one thread.
 
-    def __init__(self, run_batch: Callable[[np.ndarray], np.ndarray], max_batch_size: int,
-                 max_queued_images: int, retry_after_seconds: int, name: str) -> None:
+    Requests may ask for different graph outputs (probabilities for /classify, an embedding for /embed or a V2
+    request): a batch runs the union of what its requests asked for, in one session call, and each request gets
+    its own rows of the outputs it named.
+    """
+
+    def __init__(self, run_batch: RunOutputs, max_batch_size: int, max_queued_images: int,
+                 retry_after_seconds: int, name: str, served_output: str) -> None:
         self._run_batch = run_batch
+        self._served_output = served_output
         self._max_batch_size = max_batch_size
         self._max_queued_images = max_queued_images
         self._retry_after_seconds = retry_after_seconds
@@ -53,14 +64,15 @@ class AdaptiveBatcher:
                            f"{self._queued_images} images are already waiting for this model; retry shortly",
                            headers={"Retry-After": str(self._retry_after_seconds)})
 
-    async def infer(self, pixels: np.ndarray) -> np.ndarray:
+    async def infer(self, pixels: np.ndarray, outputs: Sequence[str] | None = None):
+        """The served output's rows for `pixels` (an array), or with `outputs` a dict of those graph outputs."""
         self.reject_if_overloaded(len(pixels))
         loop = asyncio.get_running_loop()
         if self._drain_task is None or self._drain_task.done():
             # Started lazily: the service is constructed before the server's event loop serves requests.
             self._wakeup = asyncio.Event()
             self._drain_task = loop.create_task(self._drain_forever())
-        pending = _Pending(pixels, loop.create_future())
+        pending = _Pending(pixels, loop.create_future(), tuple(outputs) if outputs is not None else None)
         self._queue.append(pending)
         self._queued_images += len(pixels)
         self._wakeup.set()
@@ -94,8 +106,9 @@ class AdaptiveBatcher:
                     continue
                 pixels = batch[0].pixels if len(batch) == 1 else np.concatenate([p.pixels for p in batch])
                 self.batch_sizes_seen[len(pixels)] = self.batch_sizes_seen.get(len(pixels), 0) + 1
+                names = list(dict.fromkeys(name for p in batch for name in (p.outputs or (self._served_output,))))
                 try:
-                    outputs = await loop.run_in_executor(self._executor, self._run_batch, pixels)
+                    outputs = await loop.run_in_executor(self._executor, self._run_batch, pixels, names)
                 except Exception as exc:  # delivered to every waiting request, never kills the loop
                     for p in batch:
                         if not p.future.done():
@@ -105,7 +118,8 @@ class AdaptiveBatcher:
                 for p in batch:
                     end = start + len(p.pixels)
                     if not p.future.done():  # the client may have gone away
-                        p.future.set_result(outputs[start:end])
+                        p.future.set_result(outputs[self._served_output][start:end] if p.outputs is None
+                                            else {name: outputs[name][start:end] for name in p.outputs})
                     start = end
 
 
@@ -113,9 +127,10 @@ class DirectRunner:
     """The unbatched alternative (VISIONSERVE_BATCHING=off): each request is its own model call,
     run concurrently on a thread pool. Kept so batched vs unbatched can be measured on one build."""
 
-    def __init__(self, run_batch: Callable, threads: int, name: str, max_queued_items: int | None = None,
-                 retry_after_seconds: int = 1, size: Callable = len) -> None:
-        self._run_batch = run_batch
+    def __init__(self, run_batch: Callable, threads: int, name: str, served_output: str,
+                 max_queued_items: int | None = None, retry_after_seconds: int = 1, size: Callable = len) -> None:
+        self._run_batch = run_batch  # (inputs, output_names) -> {name: array}
+        self._served_output = served_output
         self._executor = ThreadPoolExecutor(max_workers=threads, thread_name_prefix=f"direct-{name}")
         self._max_queued_items = max_queued_items
         self._retry_after_seconds = retry_after_seconds
@@ -124,8 +139,9 @@ class DirectRunner:
         self._name = name
         self.batch_sizes_seen: dict[int, int] = {}
 
-    async def infer(self, inputs):
-        """Run one request's inputs (an array, or a dict of named arrays) as one model call."""
+    async def infer(self, inputs, outputs: Sequence[str] | None = None):
+        """Run one request's inputs (an array, or a dict of named arrays) as one model call: the served output,
+        or with `outputs` a dict of those graph outputs."""
         size = self._size(inputs)
         if self._max_queued_items is not None and self._in_flight + size > self._max_queued_items:
             raise ApiError(503, "overloaded", f"model {self._name} has {self._in_flight} items in flight; "
@@ -134,6 +150,8 @@ class DirectRunner:
         self._in_flight += size
         self.batch_sizes_seen[size] = self.batch_sizes_seen.get(size, 0) + 1
         try:
-            return await asyncio.get_running_loop().run_in_executor(self._executor, self._run_batch, inputs)
+            names = list(outputs) if outputs is not None else [self._served_output]
+            result = await asyncio.get_running_loop().run_in_executor(self._executor, self._run_batch, inputs, names)
+            return result[self._served_output] if outputs is None else result
         finally:
             self._in_flight -= size

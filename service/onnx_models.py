@@ -10,6 +10,7 @@ import hashlib
 import logging
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Sequence
 
 import numpy as np
 import onnxruntime as ort
@@ -56,17 +57,12 @@ class ModelEntry:
         metrics = self.card.get("metrics", {})
         return float(metrics.get("accuracy") or metrics.get("miou") or metrics.get("class_consistency") or 0.0)
 
-    def run(self, pixels: np.ndarray) -> np.ndarray:
-        """uint8 [N, C, H, W] -> the served output. Thread-safe: onnxruntime allows concurrent run()."""
+    def run(self, inputs: np.ndarray | dict[str, np.ndarray], output_names: Sequence[str]) -> dict[str, np.ndarray]:
+        """uint8 pixels [N, C, H, W] (or named inputs: a generator's z and label) -> the named graph outputs.
+        Thread-safe: onnxruntime allows concurrent run()."""
         assert self.session is not None
-        (output,) = self.session.run([self.output_name], {"pixels": pixels})
-        return output
-
-    def run_feeds(self, feeds: dict[str, np.ndarray]) -> np.ndarray:
-        """Named inputs (a generator's z and label) -> the served output."""
-        assert self.session is not None
-        (output,) = self.session.run([self.output_name], feeds)
-        return output
+        feeds = inputs if isinstance(inputs, dict) else {"pixels": inputs}
+        return dict(zip(output_names, self.session.run(list(output_names), feeds)))
 
     def describe(self) -> dict:
         """The card as GET /models shows it, plus what the server made of it."""

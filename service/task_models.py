@@ -7,8 +7,7 @@ through that model's runner (the adaptive batcher, or direct calls when batching
 from __future__ import annotations
 
 import logging
-
-import numpy as np
+from typing import Sequence
 
 from .batching import AdaptiveBatcher, DirectRunner
 from .config import InferenceConfig
@@ -45,7 +44,7 @@ class TaskModels:
             # bytes must not depend on which other requests shared its model call (on CUDA the kernels
             # chosen vary with the batch size). Bounded by queued samples like the batchers.
             self.runners = {
-                entry.name: DirectRunner(entry.run_feeds, max(2, inference.intra_op_threads), entry.name,
+                entry.name: DirectRunner(entry.run, max(2, inference.intra_op_threads), entry.name, entry.output_name,
                                          inference.generate_max_queued_samples, inference.retry_after_seconds,
                                          size=lambda feeds: len(feeds["z"]))
                 for entry in entries if entry.available
@@ -55,8 +54,10 @@ class TaskModels:
                                  else (inference.segment_max_batch_size, inference.segment_max_queued_images))
         self.runners = {
             entry.name: (
-                AdaptiveBatcher(entry.run, max_batch, max_queued, inference.retry_after_seconds, entry.name)
-                if inference.batching else DirectRunner(entry.run, max(2, inference.intra_op_threads), entry.name)
+                AdaptiveBatcher(entry.run, max_batch, max_queued, inference.retry_after_seconds, entry.name,
+                                entry.output_name)
+                if inference.batching else DirectRunner(entry.run, max(2, inference.intra_op_threads), entry.name,
+                                                        entry.output_name)
             )
             for entry in entries if entry.available
         }
@@ -91,8 +92,15 @@ class TaskModels:
                            "model")
         return entry
 
-    async def infer(self, entry: ModelEntry, pixels: np.ndarray) -> np.ndarray:
-        return await self.runners[entry.name].infer(pixels)
+    async def infer(self, entry: ModelEntry, inputs, outputs: Sequence[str] | None = None):
+        """The served output for `inputs` (pixels, or a generator's named inputs), or with `outputs` a dict of
+        those graph outputs (e.g. ["probabilities", "embedding"]), through the model's batcher."""
+        if outputs is not None:
+            unknown = [name for name in outputs if name not in entry.output_names]
+            if unknown:
+                raise ApiError(400, "unknown_output", f"model {entry.name!r} has no output {unknown[0]!r}; "
+                               f"it has {entry.output_names}", "outputs")
+        return await self.runners[entry.name].infer(inputs, outputs)
 
     def batch_sizes_seen(self) -> dict[str, dict[int, int]]:
         return {name: dict(sorted(runner.batch_sizes_seen.items())) for name, runner in self.runners.items()}

@@ -15,6 +15,7 @@ import functools
 import gc
 import importlib
 import logging
+import os
 from typing import AsyncIterator
 
 import bentoml
@@ -26,7 +27,7 @@ from starlette.requests import Request
 from starlette.responses import JSONResponse
 from starlette.routing import Route
 
-from . import classify, generate, segment, v2, web
+from . import classify, generate, metrics, segment, v2, web
 from .config import ServingConfig, access_log_from_environment, workers_from_environment
 from .errors import EXCEPTION_HANDLERS, ApiError
 from .http_front import AdmissionLimit, ControlCharactersInPath, RequestBodyLimit
@@ -35,6 +36,7 @@ from .model_store import models_to_serve
 from .onnx_models import (GPU_INSTALL_HINT, cuda_missing, preload_cuda_libraries, requested_providers,
                           sessions_not_on_cuda)
 from .openapi import build_openapi
+from .request_context import RequestId
 from .security import ApiKeyAuth
 from .task_models import TaskModels
 
@@ -215,6 +217,8 @@ class VisionService:
                     ", ".join(f"{entry.name} on {entry.provider}" for entry in entries) or "no model loaded")
         for entry in entries:
             model_provider_gauge().labels(model=entry.name, provider=entry.provider).set(1)
+            metrics.model_info().labels(model=entry.name, version=str(entry.card.get("version")),
+                                        sha256=str(entry.card.get("sha256")), provider=entry.provider).set(1)
         not_on_cuda = sessions_not_on_cuda(entries)
         if device == "cuda" and not_on_cuda:
             raise RuntimeError(f"VISIONSERVE_DEVICE=cuda, but these sessions run on CPU: {', '.join(not_on_cuda)}; "
@@ -240,7 +244,9 @@ class VisionService:
                 "intra_op_threads": inference.intra_op_threads,
                 "batching": inference.batching,
                 "max_batch_size": inference.max_batch_size,
-                # This worker's batch sizes so far: shows batching at work under load.
+                # This worker's batch sizes so far: shows batching at work under load (/metrics sums every worker's
+                # in visionserve_batch_size; worker_pid says which worker answered this).
+                "worker_pid": os.getpid(),
                 "batch_sizes_seen": {name: sizes for task in self.tasks
                                      for name, sizes in task.batch_sizes_seen().items()},
             },
@@ -249,5 +255,7 @@ class VisionService:
 
 # On the service, not the mounted app: the key guards BentoML's own routes (/, /docs.json, /metrics) too,
 # and paths our mounted app never sees still get our error shape. The first added is the outermost.
+# RequestId first: X-Request-ID on every answer, the 401/404/413/503 of the middlewares inside it included.
+VisionService.add_asgi_middleware(RequestId)
 VisionService.add_asgi_middleware(ApiKeyAuth)
 VisionService.add_asgi_middleware(ControlCharactersInPath)

@@ -13,10 +13,11 @@ shedding is an explicit bound on queued images, answered with 503 and Retry-Afte
 from __future__ import annotations
 
 import asyncio
+import time
 from collections import deque
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
-from typing import Callable, Sequence
+from typing import Callable, Protocol, Sequence
 
 import numpy as np
 
@@ -28,6 +29,17 @@ class _Pending:
     pixels: np.ndarray
     future: asyncio.Future
     outputs: tuple[str, ...] | None  # the graph outputs this request asked for; None: the served one
+    enqueued_at: float = 0.0  # time.perf_counter() when it joined the queue
+
+
+class BatchObserver(Protocol):
+    """What a runner reports per model (service/metrics.py's ModelMetrics, on /metrics)."""
+
+    def queued(self, images: int) -> None: ...
+
+    def batch_started(self, images: int, enqueued_at: list[float]) -> float: ...
+
+    def batch_finished(self, started: float) -> None: ...
 
 
 # run_batch(pixels, output_names) -> {name: array}: one model call for the union of the batch's outputs.
@@ -43,8 +55,10 @@ class AdaptiveBatcher:
     """
 
     def __init__(self, run_batch: RunOutputs, max_batch_size: int, max_queued_images: int,
-                 retry_after_seconds: int, name: str, served_output: str) -> None:
+                 retry_after_seconds: int, name: str, served_output: str,
+                 observer: BatchObserver | None = None) -> None:
         self._run_batch = run_batch
+        self._observer = observer
         self._served_output = served_output
         self._max_batch_size = max_batch_size
         self._max_queued_images = max_queued_images
@@ -72,9 +86,12 @@ class AdaptiveBatcher:
             # Started lazily: the service is constructed before the server's event loop serves requests.
             self._wakeup = asyncio.Event()
             self._drain_task = loop.create_task(self._drain_forever())
-        pending = _Pending(pixels, loop.create_future(), tuple(outputs) if outputs is not None else None)
+        pending = _Pending(pixels, loop.create_future(), tuple(outputs) if outputs is not None else None,
+                           time.perf_counter())
         self._queue.append(pending)
         self._queued_images += len(pixels)
+        if self._observer is not None:
+            self._observer.queued(self._queued_images)
         self._wakeup.set()
         return await pending.future
 
@@ -93,6 +110,8 @@ class AdaptiveBatcher:
                 kept.append(pending)
         self._queue = kept
         self._queued_images -= images
+        if self._observer is not None:
+            self._observer.queued(self._queued_images)
         return taken
 
     async def _drain_forever(self) -> None:
@@ -107,8 +126,12 @@ class AdaptiveBatcher:
                 pixels = batch[0].pixels if len(batch) == 1 else np.concatenate([p.pixels for p in batch])
                 self.batch_sizes_seen[len(pixels)] = self.batch_sizes_seen.get(len(pixels), 0) + 1
                 names = list(dict.fromkeys(name for p in batch for name in (p.outputs or (self._served_output,))))
+                started = (self._observer.batch_started(len(pixels), [p.enqueued_at for p in batch])
+                           if self._observer is not None else 0.0)
                 try:
                     outputs = await loop.run_in_executor(self._executor, self._run_batch, pixels, names)
+                    if self._observer is not None:
+                        self._observer.batch_finished(started)
                 except Exception as exc:  # delivered to every waiting request, never kills the loop
                     for p in batch:
                         if not p.future.done():
@@ -128,8 +151,10 @@ class DirectRunner:
     run concurrently on a thread pool. Kept so batched vs unbatched can be measured on one build."""
 
     def __init__(self, run_batch: Callable, threads: int, name: str, served_output: str,
-                 max_queued_items: int | None = None, retry_after_seconds: int = 1, size: Callable = len) -> None:
+                 max_queued_items: int | None = None, retry_after_seconds: int = 1, size: Callable = len,
+                 observer: BatchObserver | None = None) -> None:
         self._run_batch = run_batch  # (inputs, output_names) -> {name: array}
+        self._observer = observer
         self._served_output = served_output
         self._executor = ThreadPoolExecutor(max_workers=threads, thread_name_prefix=f"direct-{name}")
         self._max_queued_items = max_queued_items
@@ -149,9 +174,23 @@ class DirectRunner:
                            {"Retry-After": str(self._retry_after_seconds)})
         self._in_flight += size
         self.batch_sizes_seen[size] = self.batch_sizes_seen.get(size, 0) + 1
+        if self._observer is not None:
+            self._observer.queued(self._in_flight)
         try:
             names = list(outputs) if outputs is not None else [self._served_output]
-            result = await asyncio.get_running_loop().run_in_executor(self._executor, self._run_batch, inputs, names)
+            result = await asyncio.get_running_loop().run_in_executor(self._executor, self._timed_run, inputs, names,
+                                                                      time.perf_counter(), size)
             return result[self._served_output] if outputs is None else result
         finally:
             self._in_flight -= size
+            if self._observer is not None:
+                self._observer.queued(self._in_flight)
+
+    def _timed_run(self, inputs, names: list[str], enqueued_at: float, size: int) -> dict:
+        # The wait is measured on the pool's thread: the time this call waited for a free thread.
+        if self._observer is None:
+            return self._run_batch(inputs, names)
+        started = self._observer.batch_started(size, [enqueued_at])
+        result = self._run_batch(inputs, names)
+        self._observer.batch_finished(started)
+        return result

@@ -33,6 +33,8 @@ class ErrorDetail(BaseModel):
     code: str = Field(..., description="stable machine-readable code, e.g. too_many_pixels (docs/SERVING.md)")
     message: str = Field(..., description="what went wrong, for a person")
     field: str | None = Field(..., description="the offending field (images[3], top_k, body), or null")
+    request_id: str = Field(..., description="the request's id, as in its X-Request-ID header (the client's when "
+                            "well formed: 1-128 of A-Z a-z 0-9 . _ -; else the server's)")
 
 
 class Error(BaseModel):
@@ -204,6 +206,22 @@ def error_responses(*statuses: str, auth: bool) -> dict:
     return responses
 
 
+REQUEST_ID_SCHEMA = {"type": "string", "pattern": "^[A-Za-z0-9._-]{1,128}$"}
+
+
+def add_request_id_header(paths: dict) -> None:
+    """Every operation takes an optional X-Request-ID and answers with one (service/request_context.py)."""
+    for operations in paths.values():
+        for operation in operations.values():
+            operation.setdefault("parameters", []).append(
+                {"name": "X-Request-ID", "in": "header", "required": False, "schema": REQUEST_ID_SCHEMA,
+                 "description": "kept when well formed, else replaced by one of the server's; echoed in the "
+                                "answer's X-Request-ID and in every error body"})
+            for response in operation["responses"].values():
+                response.setdefault("headers", {})["X-Request-ID"] = {
+                    "required": True, "schema": REQUEST_ID_SCHEMA, "description": "this request's id"}
+
+
 def text_parameters(model: type[BaseModel]) -> dict[str, dict]:
     """A parameters model's fields as query or form fields: text, so never JSON null (absent is the default)."""
     properties = {}
@@ -339,6 +357,7 @@ def build_openapi(limits: RequestLimits, default_models: dict[str, str | None], 
                           **errors("401")},
         }},
     }
+    add_request_id_header(paths)
     document = {
         "openapi": OPENAPI_VERSION,
         "info": {

@@ -12,7 +12,9 @@ from typing import Sequence
 from .batching import AdaptiveBatcher, DirectRunner
 from .config import InferenceConfig
 from .errors import ApiError
+from .metrics import ModelMetrics
 from .onnx_models import ModelEntry, ModelToServe, entries_of_task, load_verified_model
+from .request_context import note_model
 
 logger = logging.getLogger("bentoml.visionserve")
 
@@ -46,7 +48,7 @@ class TaskModels:
             self.runners = {
                 entry.name: DirectRunner(entry.run, max(2, inference.intra_op_threads), entry.name, entry.output_name,
                                          inference.generate_max_queued_samples, inference.retry_after_seconds,
-                                         size=lambda feeds: len(feeds["z"]))
+                                         size=lambda feeds: len(feeds["z"]), observer=ModelMetrics(entry.name))
                 for entry in entries if entry.available
             }
             return
@@ -55,9 +57,9 @@ class TaskModels:
         self.runners = {
             entry.name: (
                 AdaptiveBatcher(entry.run, max_batch, max_queued, inference.retry_after_seconds, entry.name,
-                                entry.output_name)
+                                entry.output_name, ModelMetrics(entry.name))
                 if inference.batching else DirectRunner(entry.run, max(2, inference.intra_op_threads), entry.name,
-                                                        entry.output_name)
+                                                        entry.output_name, observer=ModelMetrics(entry.name))
             )
             for entry in entries if entry.available
         }
@@ -87,6 +89,7 @@ class TaskModels:
         entry = self.models.get(name)
         if entry is None:
             raise self.unknown_model(name)
+        note_model(entry.name)  # the `model` label of this request's metrics (never a name a client made up)
         if not entry.available:
             raise ApiError(503, "model_unavailable", f"model {name!r} is unavailable: {entry.unavailable_reason}",
                            "model")
@@ -100,6 +103,7 @@ class TaskModels:
             if unknown:
                 raise ApiError(400, "unknown_output", f"model {entry.name!r} has no output {unknown[0]!r}; "
                                f"it has {entry.output_names}", "outputs")
+        note_model(entry.name)
         return await self.runners[entry.name].infer(inputs, outputs)
 
     def batch_sizes_seen(self) -> dict[str, dict[int, int]]:

@@ -486,7 +486,8 @@ def test_bad_input(context, case):
         return
     assert response.headers["content-type"].startswith("application/json"), response.headers
     body = response.json()
-    assert set(body) == {"error"} and set(body["error"]) == {"code", "message", "field"}, body
+    assert set(body) == {"error"} and set(body["error"]) == {"code", "message", "field", "request_id"}, body
+    assert body["error"]["request_id"] == response.headers["x-request-id"], body
     assert body["error"]["code"] == case.code, body
     assert isinstance(body["error"]["message"], str) and body["error"]["message"], body
     if case.error_field is not ...:

@@ -42,7 +42,8 @@ def assert_error(response: httpx.Response, status: int, code: str) -> dict:
     assert response.status_code == status, response.text
     assert response.headers["content-type"].startswith("application/json")
     body = response.json()
-    assert set(body) == {"error"} and set(body["error"]) == {"code", "message", "field"}, body
+    assert set(body) == {"error"} and set(body["error"]) == {"code", "message", "field", "request_id"}, body
+    assert body["error"]["request_id"] == response.headers["x-request-id"], body
     assert body["error"]["code"] == code, body
     return body["error"]
 

@@ -25,7 +25,8 @@ def assert_error(response: httpx.Response, status: int, code: str, field: str | 
     assert response.status_code == status, response.text
     assert response.headers["content-type"].startswith("application/json")
     body = response.json()
-    assert set(body) == {"error"} and set(body["error"]) == {"code", "message", "field"}, body
+    assert set(body) == {"error"} and set(body["error"]) == {"code", "message", "field", "request_id"}, body
+    assert body["error"]["request_id"] == response.headers["x-request-id"], body
     assert body["error"]["code"] == code, body
     assert isinstance(body["error"]["message"], str) and body["error"]["message"]
     if field is not ...:

@@ -1,0 +1,109 @@
+"""Per-model Prometheus metrics on /metrics (docs/SERVING.md, "Metrics").
+
+Made with `bentoml.metrics` (prometheus_client, imported only once BentoML has set PROMETHEUS_MULTIPROC_DIR in the
+worker): counters and histograms are written to the worker's multiprocess files and summed over every live worker
+by BentoML's /metrics, so the figures are the server's, whichever worker answers the scrape. Gauges say how
+they combine (`multiprocess_mode`). Every metric is made on first use, in the worker, never at import.
+"""
+
+from __future__ import annotations
+
+import functools
+import time
+
+import bentoml
+
+# Seconds: from half a millisecond (one small batch of the MLP) to the 60 s request timeout.
+SECONDS_BUCKETS = (0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0)
+# Images per model call: powers of two up to the largest batch the configuration allows (VISIONSERVE_MAX_BATCH_SIZE
+# is 256 by default; a request's own images, up to VISIONSERVE_MAX_IMAGES, may make a bigger one).
+BATCH_BUCKETS = (1, 2, 4, 8, 16, 32, 64, 128, 256, 512, 1024)
+
+
+@functools.cache
+def requests_total():
+    return bentoml.metrics.Counter(name="visionserve_requests", labelnames=["route", "model", "status"],
+                                   documentation="HTTP requests answered, by route template, model and status code")
+
+
+@functools.cache
+def request_errors_total():
+    return bentoml.metrics.Counter(name="visionserve_request_errors", labelnames=["route", "model", "status", "code"],
+                                   documentation="Requests answered with a 4xx/5xx status, by the error body's code")
+
+
+@functools.cache
+def request_seconds():
+    return bentoml.metrics.Histogram(name="visionserve_request_duration_seconds", labelnames=["route", "model"],
+                                     documentation="Wall time from the request's arrival to the end of its answer",
+                                     buckets=SECONDS_BUCKETS)
+
+
+@functools.cache
+def inference_seconds():
+    return bentoml.metrics.Histogram(name="visionserve_inference_seconds", labelnames=["model"],
+                                     documentation="Seconds of one onnxruntime call (one batch) of a model",
+                                     buckets=SECONDS_BUCKETS)
+
+
+@functools.cache
+def batch_size():
+    return bentoml.metrics.Histogram(name="visionserve_batch_size", labelnames=["model"],
+                                     documentation="Images (or samples) per onnxruntime call of a model",
+                                     buckets=BATCH_BUCKETS)
+
+
+@functools.cache
+def queue_wait_seconds():
+    return bentoml.metrics.Histogram(name="visionserve_queue_wait_seconds", labelnames=["model"],
+                                     documentation="Seconds a request waited from joining a model's queue to the "
+                                                   "start of the batch that ran it",
+                                     buckets=SECONDS_BUCKETS)
+
+
+@functools.cache
+def queued_images():
+    return bentoml.metrics.Gauge(name="visionserve_queued_images", labelnames=["model"],
+                                 documentation="Images waiting for a model's next batch, summed over live workers",
+                                 multiprocess_mode="livesum")
+
+
+@functools.cache
+def images_total():
+    return bentoml.metrics.Counter(name="visionserve_images", labelnames=["model"],
+                                   documentation="Images (or samples) a model has processed")
+
+
+@functools.cache
+def model_info():
+    return bentoml.metrics.Gauge(name="visionserve_model_info", labelnames=["model", "version", "sha256", "provider"],
+                                 documentation="1 per served model: its card's version and sha256, and the execution "
+                                               "provider its session really runs on",
+                                 multiprocess_mode="livemax")
+
+
+class ModelMetrics:
+    """What a model's batcher reports, bound to the model's label once (labels() costs a dict lookup per call)."""
+
+    def __init__(self, model: str) -> None:
+        self._inference = inference_seconds().labels(model=model)
+        self._batch = batch_size().labels(model=model)
+        self._wait = queue_wait_seconds().labels(model=model)
+        self._queued = queued_images().labels(model=model)
+        self._images = images_total().labels(model=model)
+        self._queued.set(0)
+
+    def queued(self, images: int) -> None:
+        self._queued.set(images)
+
+    def batch_started(self, images: int, enqueued_at: list[float]) -> float:
+        """A batch of `images` starts now; `enqueued_at` holds each of its requests' time.perf_counter() on arrival."""
+        now = time.perf_counter()
+        for arrived in enqueued_at:
+            self._wait.observe(now - arrived)
+        self._batch.observe(images)
+        self._images.inc(images)
+        return now
+
+    def batch_finished(self, started: float) -> None:
+        self._inference.observe(time.perf_counter() - started)

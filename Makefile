@@ -13,7 +13,7 @@ IMAGE   ?= visionserve:$(VERSION)
 # deploy/requirements-gpu.txt) go into the venv, so a machine with only an NVIDIA driver runs the CUDA provider.
 GPU     ?=
 
-.PHONY: help install data test serve bento image gpu-check gpu-wheels evaluate bench-serve bench-classifiers bench-train performance loadtest fuzz models-present browser screenshots clean \
+.PHONY: help install data test serve bento image gpu-check gpu-wheels evaluate index bench-serve bench-classifiers bench-train performance loadtest fuzz models-present browser screenshots clean \
 	overload soak faults
 .DEFAULT_GOAL := help
 
@@ -25,6 +25,7 @@ help:
 	@echo "make image      the bento as a container image $(IMAGE) (docker or podman; GPU=1: $(IMAGE)-gpu)"
 	@echo "make gpu-check  raw onnxruntime-CUDA vs served on a GPU machine: benchmarks/results/gpu.md (skips without CUDA)"
 	@echo "                GPU=1 on serve/test/gpu-check installs the CUDA 13 + cuDNN 9 wheels onnxruntime-gpu wants"
+	@echo "make index      /similar's index of the released CNN: models/cnn/similarity.faiss (export/index.py)"
 	@echo "make evaluate   evaluate the released models with onnxruntime on the full test split"
 	@echo "make bench-serve  raw onnxruntime vs served throughput and latency"
 	@echo "make bench-classifiers  raw onnxruntime ms per image of every classifier beside its accuracy"
@@ -97,6 +98,11 @@ evaluate: install data
 	$(BIN)/python -m export.evaluate --models models --out benchmarks/results
 	$(BIN)/python -m export.evaluate_segmenter --models models --out benchmarks/results
 	$(BIN)/python -m export.evaluate_generator --models models --judge models/resnet --out benchmarks/results
+
+# /similar's index of each released classifier whose index fits 20 MB at recall@10 >= 0.99 (export/index.py):
+# models/<name>/similarity.faiss, its sha256 and recall in the card; the service loads it at start-up.
+index: install data models-present
+	$(BIN)/python -m export.index --model models/cnn
 
 # Released models come from training + export, never from a download: say what to run when they are missing.
 models-present:

@@ -36,6 +36,7 @@ from bentoml.exceptions import BentoMLException, NotFound
 
 from .config import ModelSelection
 from .onnx_models import ModelToServe, sha256_of_file
+from .similarity import feature_sections
 
 PROJECT_LABEL = "visionserve"
 MODEL_FILES = ("model.onnx", "card.json")
@@ -68,13 +69,31 @@ def import_model_folder(folder: Path) -> tuple[str, str]:
         if stored_sha256 != card["sha256"]:
             raise ValueError(f"{tag} in the store has sha256 {stored_sha256}, its card says {card['sha256']}: "
                              f"refused; remove it (`bentoml models delete {tag}`) and import again")
+        if refresh_card_and_features(folder, Path(stored.path), card):
+            return tag, "already in the store; card and feature files refreshed"
         return tag, "already in the store"
     labels = {"project": PROJECT_LABEL, "task": card["task"]}
     metadata = {"sha256": card["sha256"], "card_version": str(card.get("version")), "source": str(folder.resolve())}
     with bentoml.models.create(tag, labels=labels, metadata=metadata) as model:
-        for name in MODEL_FILES:
+        for name in MODEL_FILES + feature_files(card):
             shutil.copyfile(folder / name, Path(model.path) / name)
     return tag, "imported"
+
+
+def feature_files(card: dict) -> tuple[str, ...]:
+    """The files a card's `features` sections name (similarity index, OOD statistics; service/similarity.py)."""
+    return tuple(section["file"] for section in feature_sections(card).values())
+
+
+def refresh_card_and_features(folder: Path, stored: Path, card: dict) -> bool:
+    """Same model bytes, a newer card (e.g. `make index` added a feature section): the stored card and feature
+    files follow the checkout's, whose checksums the server verifies before it starts."""
+    changed = False
+    for name in ("card.json",) + feature_files(card):
+        if not (stored / name).is_file() or sha256_of_file(stored / name) != sha256_of_file(folder / name):
+            shutil.copyfile(folder / name, stored / name)
+            changed = True
+    return changed
 
 
 def default_cards_dir() -> Path:

@@ -27,7 +27,7 @@ from starlette.requests import Request
 from starlette.responses import JSONResponse
 from starlette.routing import Route
 
-from . import classify, generate, metrics, segment, v2, web
+from . import classify, features, generate, metrics, segment, v2, web
 from .config import ServingConfig, access_log_from_environment, workers_from_environment
 from .errors import EXCEPTION_HANDLERS, ApiError
 from .http_front import AdmissionLimit, ControlCharactersInPath, RequestBodyLimit
@@ -38,6 +38,7 @@ from .onnx_models import (GPU_INSTALL_HINT, cuda_missing, preload_cuda_libraries
 from .openapi import build_openapi
 from .request_context import RequestId
 from .security import ApiKeyAuth
+from .similarity import check_feature_files, load_similarity_indexes
 from .task_models import TaskModels
 
 logger = logging.getLogger("bentoml.visionserve")
@@ -115,6 +116,7 @@ def build_front() -> Starlette:
     return Starlette(
         routes=[
             *classify.ROUTES,
+            *features.ROUTES,  # /embed and /similar (service/features.py)
             *segment.ROUTES,
             *generate.ROUTES,
             *v2.ROUTES,
@@ -124,6 +126,8 @@ def build_front() -> Starlette:
             Route("/openapi.json", openapi_document, methods=["GET"]),
             # Unknown paths under our prefixes get our error shape (elsewhere BentoML answers its own 404).
             Route("/classify/{rest:path}", unknown_path, methods=any_method),
+            Route("/embed/{rest:path}", unknown_path, methods=any_method),
+            Route("/similar/{rest:path}", unknown_path, methods=any_method),
             Route("/segment/{rest:path}", unknown_path, methods=any_method),
             Route("/generate/{rest:path}", unknown_path, methods=any_method),
             Route("/models/{name}/{rest:path}", unknown_path, methods=any_method),
@@ -149,6 +153,8 @@ def check_configuration_before_serving() -> None:
     """
     config = ServingConfig.from_environ()
     models = models_to_serve(config.models)
+    # A similarity index or OOD statistics whose bytes are not their card's: refuse here, before any worker.
+    check_feature_files(models)
     if config.inference.device == "cuda":
         # A GPU deployment that silently ran on CPU would be 10-100x slower and look healthy: refuse instead.
         probe = next((model.folder / "model.onnx" for model in models if (model.folder / "model.onnx").is_file()), None)
@@ -198,6 +204,9 @@ class VisionService:
         self.segmentation = TaskModels("segmentation", models, inference, providers)
         self.generation = TaskModels("generation", models, inference, providers)
         self.tasks = [self.classification, self.segmentation, self.generation]
+        # /similar's indexes, loaded once here and never built at request time (service/similarity.py).
+        self.similarity = load_similarity_indexes(self.classification.models.values(),
+                                                  threads=inference.intra_op_threads)
         self.check_device(inference.device)
         if not any(task.models for task in self.tasks):
             raise RuntimeError(f"none of the {len(models)} models named is of a served task "

@@ -18,6 +18,7 @@ from PIL import Image
 from pydantic import BaseModel, ConfigDict, Field
 
 from .config import RequestLimits
+from .features import EmbedJsonRequest, EmbedParams, SimilarJsonRequest, SimilarParams
 from .generate import GenerateParams, InterpolateParams
 from .http_front import Base64ImagesRequest, ImageParams
 from .segment import SegmentJsonRequest, SegmentParams
@@ -63,6 +64,46 @@ class ClassificationAnswer(BaseModel):
     model: str
     version: str | None
     predictions: list[Prediction]
+
+
+class EmbeddingAnswer(BaseModel):
+    model_config = ConfigDict(extra="forbid", protected_namespaces=())
+    model: str
+    version: str | None
+    tag: str | None = Field(..., description="the model's BentoML store tag; null when served from a plain folder")
+    dimension: int = Field(..., ge=1)
+    embeddings: list[list[float]] = Field(..., description="one row of `dimension` floats per image, in request order")
+
+
+class Neighbour(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+    index: int = Field(..., ge=0, description="position in the reference set (the training split's IDX order)")
+    label: str
+    label_index: int = Field(..., ge=0)
+    distance: float = Field(..., ge=0, description="euclidean distance in the embedding space")
+    thumbnail: str | None = Field(None, description="base64 PNG of the reference image (absent with thumbnails=false)")
+
+
+class SimilarResult(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+    image: int = Field(..., ge=0, description="position of the query image in the request")
+    neighbours: list[Neighbour] = Field(..., description="nearest first")
+
+
+class ReferenceSet(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+    dataset: str
+    split: str
+    images: int = Field(..., ge=1)
+
+
+class SimilarityAnswer(BaseModel):
+    model_config = ConfigDict(extra="forbid", protected_namespaces=())
+    model: str
+    version: str | None
+    k: int = Field(..., ge=1, le=100)
+    reference_set: ReferenceSet
+    results: list[SimilarResult]
 
 
 class ClassShare(BaseModel):
@@ -152,7 +193,8 @@ class ModelList(BaseModel):
 
 
 SCHEMA_MODELS = (Error, ClassificationAnswer, SegmentationAnswer, GeneratedImages, ModelDescription, ModelList,
-                 Base64ImagesRequest, SegmentJsonRequest, GenerateParams, InterpolateParams)
+                 Base64ImagesRequest, SegmentJsonRequest, GenerateParams, InterpolateParams,
+                 EmbeddingAnswer, SimilarityAnswer, EmbedJsonRequest, SimilarJsonRequest)
 
 
 # --- building blocks ----------------------------------------------------------------------------------
@@ -257,6 +299,42 @@ def example_png() -> str:
     return base64.b64encode(buffer.getvalue()).decode("ascii")
 
 
+NPY_CONTENT = {"application/x-npy": {"schema": {"type": "string", "format": "binary"}}}
+
+
+def feature_paths(classifier: str | None, png: str, image_errors: dict, errors) -> dict:
+    """/embed and /similar (service/features.py): the three input forms of /classify each."""
+    embedded = {"description": "one embedding per image: JSON, or with format=npy (or Accept: application/x-npy) "
+                               "one float32 .npy array [N, D] with X-Model, X-Model-Version, X-Embedding-Dimension",
+                "content": {**json_content(ref(EmbeddingAnswer)), **NPY_CONTENT}}
+    similar = {"description": "the k nearest reference images of each image, nearest first",
+               "content": json_content(ref(SimilarityAnswer))}
+    example_model = {"model": classifier} if classifier else {}
+    paths = {}
+    for route, params, json_request, answer, what in (
+            ("/embed", EmbedParams, EmbedJsonRequest, embedded, "embedding"),
+            ("/similar", SimilarParams, SimilarJsonRequest, similar, "nearest training images")):
+        name = route.strip("/")
+        paths[route] = {"post": {
+            "summary": f"The classifier's {what} of uploaded image files", "operationId": name,
+            "parameters": query_parameters(params, classifier),
+            "requestBody": {"required": True, "content": {"multipart/form-data": {
+                "schema": multipart_body("images", params, many=True)}}},
+            "responses": {"200": answer, **image_errors}}}
+        paths[f"{route}/json"] = {"post": {
+            "summary": f"The classifier's {what} of base64 image files sent in JSON", "operationId": f"{name}_json",
+            "requestBody": {"required": True, "content": {"application/json": {
+                "schema": ref(json_request), "example": {"images": [png], **example_model}}}},
+            "responses": {"200": answer, **image_errors}}}
+        paths[f"{route}/tensor"] = {"post": {
+            "summary": f"The classifier's {what} of a uint8 .npy batch [N,H,W] or [N,C,H,W]",
+            "operationId": f"{name}_tensor", "parameters": query_parameters(params, classifier),
+            "requestBody": {"required": True, "content": {"application/octet-stream": {
+                "schema": {"type": "string", "format": "binary"}}}},
+            "responses": {"200": answer, **errors("401", "404", "413", "422", "503")}}}
+    return paths
+
+
 # --- the document ----------------------------------------------------------------------------------------
 
 def build_openapi(limits: RequestLimits, default_models: dict[str, str | None], auth: bool) -> dict:
@@ -294,6 +372,7 @@ def build_openapi(limits: RequestLimits, default_models: dict[str, str | None], 
                 "schema": {"type": "string", "format": "binary"}}}},
             "responses": {"200": classification, **errors("401", "404", "413", "422", "503")},
         }},
+        **feature_paths(classifier, png, classify_errors, errors),
         "/segment": {"post": {
             "summary": "Segment one image (multipart file, or base64 in JSON)",
             "operationId": "segment",

@@ -45,8 +45,11 @@ GENERATOR_TARGETS = (
 )
 
 # Classifiers: the accuracy each earlier release reached is both its floor and, met already, its goal.
-CLASSIFIER_FLOORS = {"mlp": 0.900, "cnn": 0.930, "resnet": 0.950, "resnet-student": 0.940}
-CLASSIFIER_GOALS = {"mlp": 0.900, "cnn": 0.930, "resnet": 0.950, "resnet-student": 0.948}
+# DenseNet-BC has no earlier release: its goal is the anchor (DenseNet-BC, 768K parameters, 95.4% in the
+# Fashion-MNIST benchmark table); its floor sits under the lecture CNN's 93% release by a point, a DenseNet
+# below it has not learnt, so that only a broken run is held back.
+CLASSIFIER_FLOORS = {"mlp": 0.900, "cnn": 0.930, "resnet": 0.950, "resnet-student": 0.940, "densenet": 0.920}
+CLASSIFIER_GOALS = {"mlp": 0.900, "cnn": 0.930, "resnet": 0.950, "resnet-student": 0.948, "densenet": 0.954}
 
 
 def classifier_targets(name: str) -> tuple[Target, ...]:

@@ -15,6 +15,8 @@ ARCHITECTURES = [
     ("cnn", {}),
     ("resnet", dict(depth=8, width=0.5)),
     ("resnet", dict(depth=20)),
+    ("densenet", dict(depth=10, growth_rate=4)),
+    ("densenet", dict(depth=40, growth_rate=12)),
 ]
 
 
@@ -42,10 +44,24 @@ def test_every_registered_model_is_covered():
     ("mlp", dict(hidden=[512, 512]), 669_706),  # the lectures' 784-512-512-10
     ("cnn", {}, 600_810),                       # conv32-conv32-pool-fc128-fc10 on 28x28
     ("resnet", dict(depth=20), 272_186),        # He et al.'s ResNet-20 with projection shortcuts, 1 channel in
+    ("densenet", dict(depth=40), 175_690),      # DenseNet-BC L=40, k=12: the released recipe
+    ("densenet", dict(depth=100), 768_730),     # DenseNet-BC L=100, k=12: the issue's 768K anchor, 1 channel in
 ])
 def test_lecture_parameter_counts(name, overrides, expected):
     model, _ = build_classifier(name, **overrides)
     assert count_parameters(model) == expected
+
+
+def test_densenet_structure_and_parameter_cap():
+    """Dense blocks of n = (L-4)/6 bottleneck layers, each adding k channels; transitions keep half of them."""
+    model, _ = build_classifier("densenet", depth=40, growth_rate=12)
+    assert count_parameters(model) < 1_000_000  # issue 26: under 1M parameters
+    # 2k = 24 in, +6 x 12 = 96 -> 48, +72 = 120 -> 60, +72 = 132 channels at 7x7
+    assert model.embedding_dim == 132
+    x = torch.randn(2, 1, 28, 28)
+    assert model.blocks(model.stem(x)).shape == (2, 132, 7, 7)
+    with pytest.raises(ValueError, match="6n\\+4"):
+        build_classifier("densenet", depth=41)
 
 
 def test_resnet_rejects_bad_depth():

@@ -8,6 +8,7 @@ from dataclasses import asdict, fields
 from torch import nn
 
 from .cnn import CNN, CNNConfig
+from .densenet import DenseNet, DenseNetConfig
 from .init import initialise
 from .mlp import MLP, MLPConfig
 from .resnet import ResNet, ResNetConfig
@@ -17,6 +18,7 @@ CLASSIFIERS = {
     "mlp": (MLPConfig, MLP),
     "cnn": (CNNConfig, CNN),
     "resnet": (ResNetConfig, ResNet),
+    "densenet": (DenseNetConfig, DenseNet),
 }
 
 SEGMENTERS = {

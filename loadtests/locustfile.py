@@ -24,6 +24,7 @@ import json
 import random
 import sys
 
+import locust.runners
 from locust import FastHttpUser, between, events, tag, task
 from locust.runners import WorkerRunner
 
@@ -171,6 +172,13 @@ class GenerateUser(VisionUser):
                 response.failure(f"HTTP {response.status_code} {error_code(response)}")
             elif not response.content.startswith(PNG_SIGNATURE):
                 response.failure("format=grid answered something that is not a PNG")
+
+
+# A worker says it is ready before its init event has built its payloads, and sends no heartbeat while it builds
+# them; with Locust's default liveness (3 missed 1 s heartbeats) a master on a busy 2-core machine declared both
+# workers missing and stopped the run before a request was sent (seen in the test suite). Read by the master at
+# run time, so setting it here works.
+locust.runners.HEARTBEAT_LIVENESS = 15
 
 
 @events.init_command_line_parser.add_listener

@@ -42,6 +42,12 @@ def is_protocol_path(path: str) -> bool:
     return path == "/v2" or path.startswith("/v2/")
 
 
+def error_body_for_path(path: str, code: str, message: str, field: str | None = None) -> dict:
+    """The error body for a request to `path`: the protocol's {"error": message} under /v2, else ours. For the
+    ASGI middlewares that answer before any route (401, 413, 503), which see only the path."""
+    return {"error": message} if is_protocol_path(path) else error_body(code, message, field)
+
+
 # The protocol has one status for every bad tensor, shape, datatype or parameter: 400.
 _PROTOCOL_STATUS = {415: 400, 422: 400}
 

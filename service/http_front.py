@@ -24,7 +24,7 @@ from starlette.requests import Request
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from .config import RequestLimits
-from .errors import ApiError, error_body
+from .errors import ApiError, error_body_for_path
 from .images import InputSpec, InvertMode, decode_image, fit_to_input_spec
 
 # Decoding a few small images costs less than a thread hop; big ones go to a thread so that one
@@ -51,7 +51,7 @@ class RequestBodyLimit:
         limit = self.max_body_bytes()
         declared = dict(scope["headers"]).get(b"content-length")
         if declared is not None and declared.isdigit() and int(declared) > limit:
-            await self._send_too_large(send, limit)
+            await self._send_too_large(send, limit, scope["path"])
             return
         received = 0
 
@@ -67,8 +67,9 @@ class RequestBodyLimit:
         await self.app(scope, counting_receive, send)
 
     @staticmethod
-    async def _send_too_large(send: Send, limit: int) -> None:
-        body = json.dumps(error_body("body_too_large", f"request body is over the limit of {limit} bytes")).encode()
+    async def _send_too_large(send: Send, limit: int, path: str) -> None:
+        body = json.dumps(error_body_for_path(path, "body_too_large",
+                                              f"request body is over the limit of {limit} bytes")).encode()
         await send({"type": "http.response.start", "status": 413,
                     "headers": [(b"content-type", b"application/json"), (b"content-length", str(len(body)).encode()),
                                 (b"connection", b"close")]})
@@ -102,7 +103,7 @@ class AdmissionLimit:
         limit = self.max_in_flight()
         if limit and self.in_flight >= limit:
             drained = await self._drain(receive, self.max_body_bytes())
-            await self._send_overloaded(send, close=not drained)
+            await self._send_overloaded(send, scope["path"], close=not drained)
             return
         self.in_flight += 1
         try:
@@ -125,10 +126,10 @@ class AdmissionLimit:
             if received > max_bytes:
                 return False
 
-    async def _send_overloaded(self, send: Send, close: bool) -> None:
+    async def _send_overloaded(self, send: Send, path: str, close: bool) -> None:
         retry_after = str(self.retry_after())
-        body = json.dumps(error_body("overloaded", f"the server has {self.in_flight} requests in progress; "
-                                     f"retry after {retry_after} s")).encode()
+        body = json.dumps(error_body_for_path(path, "overloaded", f"the server has {self.in_flight} requests in "
+                                              f"progress; retry after {retry_after} s")).encode()
         headers = [(b"content-type", b"application/json"), (b"content-length", str(len(body)).encode()),
                    (b"retry-after", retry_after.encode())]
         await send({"type": "http.response.start", "status": 503,
@@ -148,7 +149,8 @@ class ControlCharactersInPath:
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         if scope["type"] == "http" and any(ord(c) < 0x20 or ord(c) == 0x7F for c in scope["path"]):
-            body = json.dumps(error_body("not_found", "no endpoint at a path with control characters")).encode()
+            body = json.dumps(error_body_for_path(scope["path"], "not_found",
+                                                  "no endpoint at a path with control characters")).encode()
             await send({"type": "http.response.start", "status": 404,
                         "headers": [(b"content-type", b"application/json"),
                                     (b"content-length", str(len(body)).encode())]})

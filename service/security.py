@@ -20,7 +20,7 @@ import json
 from starlette.types import ASGIApp, Receive, Scope, Send
 
 from .config import api_key_from_environment
-from .errors import error_body
+from .errors import error_body_for_path
 from .web import is_public_page_path
 
 OPEN_PATHS = frozenset({"/livez", "/healthz", "/readyz", "/v2/health/live", "/v2/health/ready"})
@@ -79,11 +79,11 @@ class ApiKeyAuth:
         else:
             challenge = f'Bearer realm="{REALM}"'
             message = "this server needs an API key: send 'Authorization: Bearer <key>' or 'X-API-Key: <key>'"
-        await send_unauthorized(send, message, challenge)
+        await send_unauthorized(send, message, challenge, scope["path"])
 
 
-async def send_unauthorized(send: Send, message: str, challenge: str) -> None:
-    body = json.dumps(error_body("unauthorized", message, None)).encode()
+async def send_unauthorized(send: Send, message: str, challenge: str, path: str) -> None:
+    body = json.dumps(error_body_for_path(path, "unauthorized", message, None)).encode()
     await send({"type": "http.response.start", "status": 401,
                 "headers": [(b"content-type", b"application/json"), (b"content-length", str(len(body)).encode()),
                             (b"www-authenticate", challenge.encode())]})

@@ -8,6 +8,7 @@ Protocol").
 
 from __future__ import annotations
 
+import asyncio
 import json
 import math
 from importlib import metadata
@@ -19,13 +20,17 @@ from starlette.responses import JSONResponse, Response
 from starlette.routing import Route
 
 from .errors import ApiError
+from .http_front import INLINE_DECODE_BYTES, decode_base64_image, fit_all_off_loop_if_large
+from .images import InputSpec
 from .masks import pad_to_multiple
 from .onnx_models import ModelEntry
+from .segment import SegmenterSpec, prepare
 from .task_models import TaskModels
 
 EXTENSIONS = ["binary_tensor_data"]
 HEADER_LENGTH = "Inference-Header-Content-Length"
-# Little-endian numpy dtypes of the protocol's fixed-size datatypes (BYTES is variable-size: not taken here).
+# Little-endian numpy dtypes of the protocol's fixed-size datatypes. BYTES (variable-size) is taken too, as encoded
+# image files for a classifier's or segmenter's `pixels` (decoded_images below).
 DTYPES = {"BOOL": "|b1", "UINT8": "|u1", "UINT16": "<u2", "UINT32": "<u4", "UINT64": "<u8", "INT8": "|i1",
           "INT16": "<i2", "INT32": "<i4", "INT64": "<i8", "FP16": "<f2", "FP32": "<f4", "FP64": "<f8"}
 ORT_TO_V2 = {"tensor(bool)": "BOOL", "tensor(uint8)": "UINT8", "tensor(uint16)": "UINT16", "tensor(uint32)": "UINT32",
@@ -66,8 +71,9 @@ def tensor_spec(node) -> dict:
 
 
 def served_outputs(entry: ModelEntry) -> list:
-    # Only the output the batcher computes is served (probabilities, mask, pixels).
-    return [node for node in entry.session.get_outputs() if node.name == entry.output_name]
+    # Every output of the graph: a classifier's probabilities and embedding, a segmenter's mask and probabilities,
+    # a generator's pixels. The batcher runs the union of what a batch's requests ask for.
+    return list(entry.session.get_outputs())
 
 
 def model_metadata(entry: ModelEntry) -> dict:
@@ -157,7 +163,7 @@ def json_tensor(data: object, dtype: np.dtype, count: int, name: str, datatype: 
     return np.array(flat, dtype=dtype)
 
 
-def decode_inputs(request: dict, binary: bytes, max_bytes: int) -> dict[str, np.ndarray]:
+def decode_inputs(request: dict, binary: bytes, json_bytes: int) -> dict[str, np.ndarray]:
     """Every input as an array of its declared shape and datatype; sizes are checked before anything is made."""
     arrays: dict[str, np.ndarray] = {}
     offset = 0
@@ -168,29 +174,38 @@ def decode_inputs(request: dict, binary: bytes, max_bytes: int) -> dict[str, np.
         if name in arrays:
             raise bad_request(f"input {name!r} is given twice")
         datatype = tensor.get("datatype")
-        if datatype not in DTYPES:
+        if datatype not in DTYPES and datatype != "BYTES":
             raise bad_request(f"input {name!r}: datatype {datatype!r} is not taken here "
-                              f"(one of {', '.join(DTYPES)})")
-        dtype = np.dtype(DTYPES[datatype])
+                              f"(one of {', '.join(DTYPES)}, BYTES)")
         shape = checked_shape(tensor, name)
-        count = math.prod(shape)
-        if count * dtype.itemsize > max_bytes:
-            raise ApiError(413, "body_too_large", f"input {name!r}: shape {shape} of {datatype} is over the "
-                           f"limit of {max_bytes} bytes")
+        count = math.prod(shape)  # a Python int: a huge shape cannot overflow, and nothing is allocated from it
         parameters = tensor.get("parameters") or {}
         if not isinstance(parameters, dict):
             raise bad_request(f"input {name!r}: 'parameters' must be an object")
         size = parameters.get("binary_data_size")
-        if size is None:
-            if "data" not in tensor:
-                raise bad_request(f"input {name!r} has neither 'data' nor parameters.binary_data_size")
-            flat = json_tensor(tensor["data"], dtype, count, name, datatype)
-        else:
+        if size is not None:
             if not isinstance(size, int) or isinstance(size, bool) or size < 0:
                 raise bad_request(f"input {name!r}: binary_data_size must be a non-negative integer, got {size!r}")
             if offset + size > len(binary):
                 raise bad_request(f"input {name!r}: binary_data_size {size} runs past the body's binary data "
                                   f"({len(binary) - offset} bytes left)")
+        elif "data" not in tensor:
+            raise bad_request(f"input {name!r} has neither 'data' nor parameters.binary_data_size")
+        elif count > json_bytes:
+            # Every JSON element takes at least one byte of the request's JSON: refused before anything is made.
+            raise bad_request(f"input {name!r}: shape {shape} has {count} elements, more than the request's "
+                              f"{json_bytes} bytes of JSON can hold")
+        if datatype == "BYTES":
+            if size is None:
+                arrays[name] = object_tensor(json_bytes_elements(tensor["data"], count, name), shape)
+            else:
+                arrays[name] = object_tensor(binary_bytes_elements(binary, offset, size, count, name), shape)
+                offset += size
+            continue
+        dtype = np.dtype(DTYPES[datatype])
+        if size is None:
+            flat = json_tensor(tensor["data"], dtype, count, name, datatype)
+        else:
             if size != count * dtype.itemsize:
                 raise bad_request(f"input {name!r}: binary_data_size {size} is not shape {shape} x {datatype} "
                                   f"({count * dtype.itemsize} bytes)")
@@ -200,6 +215,46 @@ def decode_inputs(request: dict, binary: bytes, max_bytes: int) -> dict[str, np.
     if offset != len(binary):
         raise bad_request(f"{len(binary) - offset} bytes of binary data belong to no input")
     return arrays
+
+
+def object_tensor(elements: list[bytes], shape: list[int]) -> np.ndarray:
+    array = np.empty(len(elements), dtype=object)
+    array[:] = elements
+    return array.reshape(shape)
+
+
+def json_bytes_elements(data: object, count: int, name: str) -> list[bytes]:
+    """BYTES in JSON: one string per element. JSON cannot carry raw bytes (tritonclient's JSON mode sends them as
+    UTF-8 text, which no PNG is), so an image file comes as base64 (a data: URL is accepted), as /classify/json."""
+    flat = flatten(data, count, name)
+    if len(flat) != count:
+        raise bad_request(f"input {name!r}: 'data' has {len(flat)} elements, its shape {count}")
+    if not all(isinstance(item, str) for item in flat):
+        raise bad_request(f"input {name!r}: BYTES elements in JSON must be strings (base64 image files)")
+    return [decode_base64_image(text, f"{name}[{index}]") for index, text in enumerate(flat)]
+
+
+def binary_bytes_elements(binary: bytes, offset: int, size: int, count: int, name: str) -> list[bytes]:
+    """BYTES in the binary extension: each element a 4-byte little-endian length, then that many bytes."""
+    if count * 4 > size:
+        raise bad_request(f"input {name!r}: {count} BYTES elements need at least {count * 4} bytes, "
+                          f"binary_data_size is {size}")
+    end, position, elements = offset + size, offset, []
+    while position < end:
+        if len(elements) == count:
+            raise bad_request(f"input {name!r}: binary data holds more than the shape's {count} BYTES elements")
+        if position + 4 > end:
+            raise bad_request(f"input {name!r}: BYTES element {len(elements)} has a truncated length prefix")
+        length = int.from_bytes(binary[position:position + 4], "little")
+        position += 4
+        if position + length > end:
+            raise bad_request(f"input {name!r}: BYTES element {len(elements)} of {length} bytes runs past its "
+                              f"binary_data_size")
+        elements.append(binary[position:position + length])
+        position += length
+    if len(elements) != count:
+        raise bad_request(f"input {name!r}: binary data holds {len(elements)} BYTES elements, its shape {count}")
+    return elements
 
 
 def requested_outputs(request: dict, available: list[str]) -> list[tuple[str, bool]]:
@@ -227,6 +282,10 @@ def take_input(arrays: dict[str, np.ndarray], entry: ModelEntry, name: str) -> n
         raise bad_request(f"missing input {name!r}; model {entry.name!r} takes {sorted(expected)}")
     spec = tensor_spec(expected[name])
     array = arrays[name]
+    if array.dtype == object:  # BYTES: encoded images, any shape; its element count is the batch
+        if array.size == 0:
+            raise bad_request(f"input {name!r}: the batch is empty")
+        return array
     if len(array.shape) != len(spec["shape"]) or any(want not in (-1, got) for want, got in
                                                       zip(spec["shape"], array.shape)):
         raise bad_request(f"input {name!r}: shape {list(array.shape)} does not fit the model's {spec['shape']}")
@@ -240,35 +299,86 @@ def check_datatypes(arrays: dict[str, np.ndarray], entry: ModelEntry) -> None:
     for node in entry.session.get_inputs():
         if node.name in arrays:
             want = np.dtype(DTYPES[ORT_TO_V2[node.type]])
+            if arrays[node.name].dtype == object and node.name == "pixels" and entry.card.get("task") in (
+                    "classification", "segmentation"):
+                continue  # BYTES: image files, decoded as /classify and /segment decode them
             if arrays[node.name].dtype != want:
+                given = "BYTES" if arrays[node.name].dtype == object else arrays[node.name].dtype
                 raise bad_request(f"input {node.name!r}: model {entry.name!r} takes {ORT_TO_V2[node.type]}, "
-                                  f"not {arrays[node.name].dtype}")
+                                  f"not {given}")
 
 
-async def run_classifier(task: TaskModels, entry: ModelEntry, arrays: dict[str, np.ndarray]) -> np.ndarray:
-    pixels = take_input(arrays, entry, "pixels")
+def invert_parameter(request: dict) -> str:
+    """parameters.invert of the request, for BYTES images: auto (default), true or false, as /classify takes it."""
+    invert = (request.get("parameters") or {}).get("invert", "auto")
+    if invert not in ("auto", "true", "false"):
+        raise bad_request(f"parameters.invert must be 'auto', 'true' or 'false', got {invert!r}")
+    return invert
+
+
+def check_image_count(count: int) -> None:
     limit = get_current_service().config.limits.max_images_per_request
-    if len(pixels) > limit:
-        raise ApiError(413, "too_many_images", f"{len(pixels)} images in one request; the limit is {limit}")
-    return await task.infer(entry, pixels)
+    if count > limit:
+        raise ApiError(413, "too_many_images", f"{count} images in one request; the limit is {limit}")
 
 
-async def run_segmenter(task: TaskModels, entry: ModelEntry, arrays: dict[str, np.ndarray]) -> np.ndarray:
-    """Padded to the stride and the mask cropped back, as /segment does, so any H x W is taken."""
+async def run_classifier(task: TaskModels, entry: ModelEntry, arrays: dict[str, np.ndarray], request: dict,
+                         outputs: list[str]) -> dict[str, np.ndarray]:
+    pixels = take_input(arrays, entry, "pixels")
+    check_image_count(pixels.size if pixels.dtype == object else len(pixels))
+    if pixels.dtype == object:  # image files: decoded and fitted exactly as /classify does
+        files = [(f"pixels[{index}]", data) for index, data in enumerate(pixels.ravel())]
+        pixels, _ = await fit_all_off_loop_if_large(files, InputSpec.from_card(entry.card), invert_parameter(request),
+                                                    get_current_service().config.limits.max_pixels_per_image)
+    return await task.infer(entry, pixels, outputs=outputs)
+
+
+def decoded_scenes(images: np.ndarray, entry: ModelEntry, invert: str, max_pixels: int) -> tuple[np.ndarray, tuple]:
+    """BYTES image files -> padded uint8 [N, C, H', W'] as /segment prepares one, and their common H x W."""
+    spec = SegmenterSpec.from_card(entry.card)
+    padded, sizes = [], []
+    for index, data in enumerate(images.ravel()):
+        try:
+            pixels, gray, _ = prepare(data, spec, invert, max_pixels)
+        except ApiError as exc:
+            exc.message = f"pixels[{index}]: {exc.message}"
+            raise
+        padded.append(pixels[0])
+        sizes.append(gray.shape)
+    if len(set(sizes)) > 1:
+        raise bad_request(f"the images of one request are one tensor and must share a size; got {sorted(set(sizes))}:"
+                          " send images of other sizes in other requests")
+    return np.stack(padded), sizes[0]
+
+
+async def run_segmenter(task: TaskModels, entry: ModelEntry, arrays: dict[str, np.ndarray], request: dict,
+                        outputs: list[str]) -> dict[str, np.ndarray]:
+    """Padded to the stride and the outputs cropped back, as /segment does, so any H x W is taken."""
     pixels = take_input(arrays, entry, "pixels")
     limits = get_current_service().config.limits
-    height, width = pixels.shape[2:]
     max_pixels = min(limits.max_pixels_per_image, limits.max_segment_pixels)
-    if height * width > max_pixels or height == 0 or width == 0:
-        raise ApiError(413 if height * width else 400, "too_many_pixels",
-                       f"images of {height}x{width}; the limit is 1 to {max_pixels} pixels")
-    stride = int(entry.card["input"]["stride"])
-    padding = int(entry.card["input"].get("fit", {}).get("padding_value", 0))
-    padded = np.stack([pad_to_multiple(image, stride, padding) for image in pixels])
-    return (await task.infer(entry, padded))[:, :height, :width]
+    if pixels.dtype == object:
+        check_image_count(pixels.size)
+        invert = invert_parameter(request)
+        if sum(len(data) for data in pixels.ravel()) <= INLINE_DECODE_BYTES:
+            padded, (height, width) = decoded_scenes(pixels, entry, invert, max_pixels)
+        else:  # large photos are decoded off the event loop
+            padded, (height, width) = await asyncio.to_thread(decoded_scenes, pixels, entry, invert, max_pixels)
+    else:
+        height, width = pixels.shape[2:]
+        if height * width > max_pixels or height == 0 or width == 0:
+            raise ApiError(413 if height * width else 400, "too_many_pixels",
+                           f"images of {height}x{width}; the limit is 1 to {max_pixels} pixels")
+        stride = int(entry.card["input"]["stride"])
+        padding = int(entry.card["input"].get("fit", {}).get("padding_value", 0))
+        padded = np.stack([pad_to_multiple(image, stride, padding) for image in pixels])
+    results = await task.infer(entry, padded, outputs=outputs)
+    # mask [N, H, W] and probabilities [N, K, H, W]: the last two axes are the image's.
+    return {name: array[..., :height, :width] for name, array in results.items()}
 
 
-async def run_generator(task: TaskModels, entry: ModelEntry, arrays: dict[str, np.ndarray]) -> np.ndarray:
+async def run_generator(task: TaskModels, entry: ModelEntry, arrays: dict[str, np.ndarray], request: dict,
+                        outputs: list[str]) -> dict[str, np.ndarray]:
     z, label = take_input(arrays, entry, "z"), take_input(arrays, entry, "label")
     if len(z) != len(label):
         raise bad_request(f"z has {len(z)} rows, label {len(label)}: one label per sample")
@@ -280,10 +390,12 @@ async def run_generator(task: TaskModels, entry: ModelEntry, arrays: dict[str, n
         raise bad_request(f"label values must be 0..{classes - 1}")
     if not np.isfinite(z).all():
         raise bad_request("z must be finite")
-    return await task.infer(entry, {"z": z, "label": label})
+    return await task.infer(entry, {"z": z, "label": label}, outputs=outputs)
 
 
-RUNNERS = {"classification": run_classifier, "segmentation": run_segmenter, "generation": run_generator}
+# An autoencoder takes the classifiers' fixed-size uint8 pixels and answers its reconstruction.
+RUNNERS = {"classification": run_classifier, "segmentation": run_segmenter, "generation": run_generator,
+           "reconstruction": run_classifier}
 
 
 # --- the answer -------------------------------------------------------------------------------------------
@@ -346,10 +458,10 @@ async def infer(request: Request) -> Response:
     parsed = parse_header(header)
     datatypes = {node.name: ORT_TO_V2[node.type] for node in served_outputs(entry)}
     wanted = requested_outputs(parsed, list(datatypes))
-    arrays = decode_inputs(parsed, binary, get_current_service().config.limits.max_body_bytes)
+    arrays = decode_inputs(parsed, binary, len(header))
     check_datatypes(arrays, entry)
-    result = await RUNNERS[task.task](task, entry, arrays)
-    return inference_answer(entry, parsed, [(name, datatypes[name], result, binary_out)
+    results = await RUNNERS[task.task](task, entry, arrays, parsed, list(dict.fromkeys(name for name, _ in wanted)))
+    return inference_answer(entry, parsed, [(name, datatypes[name], results[name], binary_out)
                                            for name, binary_out in wanted])
 
 

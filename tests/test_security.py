@@ -201,6 +201,16 @@ def test_without_the_key_every_route_answers_401(auth_server, method, path, requ
     assert response.headers["www-authenticate"] == 'Bearer realm="visionserve"'
 
 
+@pytest.mark.parametrize("method, path", [("GET", "/v2"), ("GET", "/v2/models/broken"),
+                                          ("POST", "/v2/models/broken/infer"), ("GET", "/v2/no-such-path")])
+def test_without_the_key_v2_routes_answer_401_in_the_protocols_shape(auth_server, method, path):
+    response = httpx.request(method, auth_server.url + path, timeout=10)
+    assert response.status_code == 401 and response.headers["content-type"].startswith("application/json")
+    assert set(response.json()) <= {"error", "request_id"} and "API key" in response.json()["error"], response.text
+    assert response.headers["www-authenticate"] == 'Bearer realm="visionserve"'
+    assert httpx.get(auth_server.url + "/v2", headers={"X-API-Key": API_KEY}, timeout=10).status_code == 200
+
+
 @pytest.mark.parametrize("path", ["/livez", "/healthz", "/readyz", "/v2/health/live", "/v2/health/ready"])
 def test_probes_need_no_key(auth_server, path):
     assert httpx.get(auth_server.url + path, timeout=10).status_code == 200

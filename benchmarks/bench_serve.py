@@ -1,8 +1,8 @@
 """Raw onnxruntime in-process vs the same models served over HTTP, in one run.
 
 For every model in models/: median latency and img/s of raw `session.run`, then of the same work served,
-from one sequential client. Classifiers: batch 1 and 64 raw; 1-image and 64-image PNG multipart requests and
-64-image .npy tensor requests served. Segmenters: one 64x64 test scene raw, and as a PNG to `/segment`
+from one sequential client. Classifiers: batch 1 and 64 raw; 1-image and 64-image PNG multipart requests,
+64-image .npy tensor requests and 64-image Open Inference Protocol (V2) requests, binary and JSON, served. Segmenters: one 64x64 test scene raw, and as a PNG to `/segment`
 (`format=mask`). Generators: 1 and 16 samples raw, and `/generate` with n=1 and n=16 (`format=grid`). Then 32 concurrent single-image Locust clients against several server configurations
 (batched / unbatched, 1 / 2 workers), the chosen one for the full --concurrent-seconds.
 
@@ -100,6 +100,19 @@ def npy_body(images: np.ndarray) -> bytes:
 
 # --- measurements -------------------------------------------------------------------------------------
 
+def v2_body(images: np.ndarray, binary: bool) -> tuple[bytes, dict[str, str]]:
+    """An Open Inference Protocol infer request for `probabilities` (the work /classify/tensor does): the binary
+    tensor extension (JSON header, then the raw uint8 pixels, binary output) or all of it in JSON."""
+    tensor = {"name": "pixels", "shape": list(images[:, None].shape), "datatype": "UINT8"}
+    output = {"name": "probabilities", "parameters": {"binary_data": binary}}
+    if not binary:
+        return json.dumps({"inputs": [{**tensor, "data": images.ravel().tolist()}], "outputs": [output]}).encode(), {}
+    raw = np.ascontiguousarray(images).tobytes()
+    header = json.dumps({"inputs": [{**tensor, "parameters": {"binary_data_size": len(raw)}}],
+                         "outputs": [output]}).encode()
+    return header + raw, {"Inference-Header-Content-Length": str(len(header))}
+
+
 def summarise(latencies_s: list[float], images_per_call: int) -> dict:
     latencies = np.array(latencies_s)
     median = float(np.median(latencies))
@@ -153,8 +166,8 @@ def raw_cells(task: str, model_path: Path, images: np.ndarray, threads: int, sec
 
 
 def served_sequential(client: httpx.Client, path: str, body: bytes, content_type: str, images_per_call: int,
-                      seconds: float) -> dict:
-    headers = {"Content-Type": content_type}
+                      seconds: float, extra_headers: dict[str, str] | None = None) -> dict:
+    headers = {"Content-Type": content_type, **(extra_headers or {})}
     for _ in range(5):
         client.post(path, content=body, headers=headers).raise_for_status()
     latencies, errors, deadline = [], 0, time.perf_counter() + seconds
@@ -200,6 +213,12 @@ def served_cells(client: httpx.Client, task: str, name: str, images: np.ndarray,
         "64 png": served_sequential(client, "/classify", multipart_body(pngs, name), multipart, 64, seconds),
         "64 tensor": served_sequential(client, f"/classify/tensor?model={name}", npy_body(images),
                                        "application/octet-stream", 64, seconds),
+        # The Open Inference Protocol (service/v2.py), asked for the probabilities only, as /classify/tensor gives.
+        **{f"64 v2 {kind}": served_sequential(client, f"/v2/models/{name}/infer", body, content_type, 64, seconds,
+                                              headers)
+           for kind, content_type, (body, headers) in (
+               ("binary", "application/octet-stream", v2_body(images, binary=True)),
+               ("json", "application/json", v2_body(images, binary=False)))},
     }
 
 
@@ -325,6 +344,10 @@ def main(args: argparse.Namespace) -> dict:
         targets["CNN 64-image requests >= 80% of raw onnxruntime img/s"] = (
             f"PNG multipart {ratio:.0%} ({'met' if ratio >= 0.8 else 'missed'}), "
             f".npy tensor {tensor_ratio:.0%} ({'met' if tensor_ratio >= 0.8 else 'missed'})")
+        v2_ratio = served["cnn"]["64 v2 binary"]["ratio_to_raw"]
+        targets["CNN 64-image V2 binary requests >= 0.9x the /classify/tensor row"] = (
+            f"{v2_ratio / tensor_ratio:.2f}x ({'met' if v2_ratio >= 0.9 * tensor_ratio else 'missed'}); "
+            f"V2 JSON {served['cnn']['64 v2 json']['ratio_to_raw'] / tensor_ratio:.2f}x")
     else:
         targets["CNN 64-image requests >= 80% of raw onnxruntime img/s"] = "no cnn model in models/ at this run"
     targets["32 concurrent 1-image clients: 0 errors, p99 <= 100 ms"] = (

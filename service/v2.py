@@ -11,6 +11,8 @@ from __future__ import annotations
 import asyncio
 import json
 import math
+import time
+from dataclasses import dataclass
 from importlib import metadata
 
 import numpy as np
@@ -27,7 +29,7 @@ from .onnx_models import ModelEntry
 from .segment import SegmenterSpec, prepare
 from .task_models import TaskModels
 
-EXTENSIONS = ["binary_tensor_data"]
+EXTENSIONS = ["binary_tensor_data", "statistics"]
 HEADER_LENGTH = "Inference-Header-Content-Length"
 # Little-endian numpy dtypes of the protocol's fixed-size datatypes. BYTES (variable-size) is taken too, as encoded
 # image files for a classifier's or segmenter's `pixels` (decoded_images below).
@@ -422,6 +424,74 @@ def inference_answer(entry: ModelEntry, request: dict, outputs: list[tuple[str, 
                     headers={HEADER_LENGTH: str(len(header))})
 
 
+# --- statistics extension ---------------------------------------------------------------------------------
+
+@dataclass
+class ModelStatistics:
+    """What this worker measured of one model's V2 infer requests: their count and wall time from the request's
+    arrival at the route to its answer (decoding, queueing, the model call, encoding), split by success and
+    failure. Per worker process, like the batchers; /metrics sums every route over the workers."""
+
+    success_count: int = 0
+    success_ns: int = 0
+    fail_count: int = 0
+    fail_ns: int = 0
+    inference_count: int = 0  # images (or samples) answered
+    last_inference_ms: int = 0
+
+    def record(self, started_ns: int, items: int | None) -> None:
+        elapsed = time.perf_counter_ns() - started_ns
+        if items is None:
+            self.fail_count += 1
+            self.fail_ns += elapsed
+            return
+        self.success_count += 1
+        self.success_ns += elapsed
+        self.inference_count += items
+        self.last_inference_ms = time.time_ns() // 1_000_000
+
+
+STATISTICS: dict[str, ModelStatistics] = {}  # model name -> this worker's figures (the event loop's thread only)
+
+
+def statistics_of(task: TaskModels, entry: ModelEntry) -> dict:
+    """The protocol's model_stats entry, with only what is measured: no per-request queue or compute split (the
+    batcher measures those per batch, on /metrics as queue_wait_seconds and inference_seconds)."""
+    figures = STATISTICS.get(entry.name, ModelStatistics())
+    runner = task.runners.get(entry.name)
+    batches = dict(sorted(runner.batch_sizes_seen.items())) if runner is not None else {}
+    return {"name": entry.name, "version": model_version(entry), "last_inference": figures.last_inference_ms,
+            "inference_count": figures.inference_count,
+            # Model calls of every route (native and V2), as the batcher counts them.
+            "execution_count": sum(batches.values()),
+            "inference_stats": {"success": {"count": figures.success_count, "ns": figures.success_ns},
+                                "fail": {"count": figures.fail_count, "ns": figures.fail_ns}},
+            "batch_stats": [{"batch_size": size, "compute_infer": {"count": count}} for size, count in batches.items()]}
+
+
+async def model_statistics(request: Request) -> JSONResponse:
+    name = request.path_params.get("name")
+    if name is not None:
+        task, entry = find_model(name, request.path_params.get("version"))
+        return JSONResponse({"model_stats": [statistics_of(task, entry)]})
+    return JSONResponse({"model_stats": [statistics_of(task, entry) for task in get_current_service().tasks
+                                         for entry in task.models.values()]})
+
+
+async def repository_index(request: Request) -> JSONResponse:
+    """Every model of the server and its state (the repository extension's index only: models are not loaded or
+    unloaded at run time, so that extension is not listed in GET /v2)."""
+    index = []
+    for task in get_current_service().tasks:
+        for entry in task.models.values():
+            item = {"name": entry.name, "version": model_version(entry),
+                    "state": "READY" if entry.available else "UNAVAILABLE"}
+            if not entry.available:
+                item["reason"] = entry.unavailable_reason
+            index.append(item)
+    return JSONResponse(sorted(index, key=lambda item: item["name"]))
+
+
 # --- routes -----------------------------------------------------------------------------------------------
 
 async def server_metadata(request: Request) -> JSONResponse:
@@ -452,6 +522,15 @@ async def model_ready(request: Request) -> Response:
 
 async def infer(request: Request) -> Response:
     task, entry = find_model(request.path_params["name"], request.path_params.get("version"))
+    started, items = time.perf_counter_ns(), None
+    try:
+        answer, items = await infer_with(request, task, entry)
+        return answer
+    finally:
+        STATISTICS.setdefault(entry.name, ModelStatistics()).record(started, items)
+
+
+async def infer_with(request: Request, task: TaskModels, entry: ModelEntry) -> tuple[Response, int]:
     task.resolve_model(entry.name)  # 503 for a model refused at start
     body = await request.body()
     header, binary = split_body(body, request.headers.get(HEADER_LENGTH))
@@ -461,8 +540,9 @@ async def infer(request: Request) -> Response:
     arrays = decode_inputs(parsed, binary, len(header))
     check_datatypes(arrays, entry)
     results = await RUNNERS[task.task](task, entry, arrays, parsed, list(dict.fromkeys(name for name, _ in wanted)))
-    return inference_answer(entry, parsed, [(name, datatypes[name], results[name], binary_out)
-                                           for name, binary_out in wanted])
+    answer = inference_answer(entry, parsed, [(name, datatypes[name], results[name], binary_out)
+                                             for name, binary_out in wanted])
+    return answer, len(next(iter(results.values())))
 
 
 def routes_with_versions(path: str, endpoint, methods: list[str]) -> list[Route]:
@@ -475,7 +555,10 @@ ROUTES = [
     Route("/v2", server_metadata, methods=["GET"]),
     Route("/v2/health/live", server_live, methods=["GET"]),
     Route("/v2/health/ready", server_ready, methods=["GET"]),
+    Route("/v2/models/stats", model_statistics, methods=["GET"]),  # before /v2/models/{name}, which it would match
+    Route("/v2/repository/index", repository_index, methods=["POST"]),
     *routes_with_versions("/v2/models/{name}", show_model_metadata, ["GET"]),
     *routes_with_versions("/v2/models/{name}/ready", model_ready, ["GET"]),
     *routes_with_versions("/v2/models/{name}/infer", infer, ["POST"]),
+    *routes_with_versions("/v2/models/{name}/stats", model_statistics, ["GET"]),
 ]

@@ -205,6 +205,39 @@ def test_unknown_model_raises_with_the_servers_message(client):
         client.get_model_metadata("nope")
 
 
+def test_statistics_count_this_tests_requests(client, server_url, fashion_test_images):
+    name = of_task("classification")[0]
+    assert "statistics" in client.get_server_metadata()["extensions"]
+
+    def figures() -> dict:
+        (stats,) = client.get_inference_statistics(name)["model_stats"]
+        return stats
+
+    before = figures()
+    for count in (1, 3):
+        tensor = tritonclient_http.InferInput("pixels", [count, 1, 28, 28], "UINT8")
+        tensor.set_data_from_numpy(np.ascontiguousarray(fashion_test_images[0][:count]))
+        client.infer(name, [tensor])
+    body, _ = infer_body({"inputs": [{**PIXELS, "data": [0] * 10}]})
+    assert httpx.post(f"{server_url}/v2/models/{name}/infer", content=body, timeout=10).status_code == 400
+    after = figures()
+    success, fail = (after["inference_stats"][kind] for kind in ("success", "fail"))
+    assert success["count"] - before["inference_stats"]["success"]["count"] == 2
+    assert fail["count"] - before["inference_stats"]["fail"]["count"] == 1
+    assert after["inference_count"] - before["inference_count"] == 4
+    assert success["ns"] > before["inference_stats"]["success"]["ns"] and after["execution_count"] >= 2
+    assert {"model_stats"} == set(client.get_inference_statistics())
+    assert {stats["name"] for stats in client.get_inference_statistics()["model_stats"]} == set(cards())
+    protocol_error(httpx.get(f"{server_url}/v2/models/nope/stats", timeout=10), 404)
+
+
+def test_repository_index_lists_every_model_ready(client):
+    index = client.get_model_repository_index()
+    assert sorted(item["name"] for item in index) == sorted(cards())
+    assert all(item["state"] == "READY" and item["version"] == client.get_model_metadata(item["name"])["versions"][0]
+               for item in index)
+
+
 def infer_body(header: dict, binary: bytes = b"") -> tuple[bytes, dict]:
     text = json.dumps(header).encode()
     return text + binary, ({"Inference-Header-Content-Length": str(len(text))} if binary else {})

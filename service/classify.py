@@ -35,15 +35,29 @@ def top_k_predictions(probabilities: np.ndarray, labels: list[str], k: int) -> l
 
 
 def classification_answer(entry: ModelEntry, probabilities: np.ndarray, top_k: int,
-                          inverted: list[bool] | None) -> dict:
+                          inverted: list[bool] | None, ood: list[dict | None] | None = None) -> dict:
     labels = entry.card["labels"]
     predictions = []
     for position, row in enumerate(probabilities):
         prediction = {"image": position, "top_k": top_k_predictions(row, labels, top_k)}
         if inverted is not None:
             prediction["inverted"] = inverted[position]
+        if ood is not None:
+            prediction["ood"] = ood[position]
         predictions.append(prediction)
     return {"model": entry.name, "version": entry.card.get("version"), "predictions": predictions}
+
+
+async def classify_pixels(entry: ModelEntry, pixels: np.ndarray, want_ood: bool) -> tuple[np.ndarray, list | None]:
+    """The probabilities, and with `want_ood` each image's OOD answer (null for a model without OOD statistics),
+    from one batched model call that also returns the embedding (service/ood.py)."""
+    task = classifiers()
+    scorer = get_current_service().ood.get(entry.name) if want_ood else None
+    if scorer is None:
+        probabilities = await task.infer(entry, pixels)
+        return probabilities, ([None] * len(probabilities) if want_ood else None)
+    outputs = await task.infer(entry, pixels, outputs=["probabilities", "embedding"])
+    return outputs["probabilities"], await scorer.answers_off_loop_if_large(outputs["embedding"])
 
 
 def classifiers() -> TaskModels:
@@ -56,8 +70,8 @@ async def classify_image_files(files: list[tuple[str, bytes]], params: ImagePara
     entry = task.resolve_model(params.model)
     pixels, inverted = await fit_all_off_loop_if_large(
         files, InputSpec.from_card(entry.card), params.invert, get_current_service().config.limits.max_pixels_per_image)
-    probabilities = await task.infer(entry, pixels)
-    return classification_answer(entry, probabilities, params.top_k, inverted)
+    probabilities, ood = await classify_pixels(entry, pixels, params.ood)
+    return classification_answer(entry, probabilities, params.top_k, inverted, ood)
 
 
 async def classify_multipart(request: Request) -> JSONResponse:
@@ -84,8 +98,8 @@ async def classify_tensor(request: Request) -> JSONResponse:
     pixels = load_npy_tensor(await request.body(), InputSpec.from_card(entry.card), get_current_service().config.limits)
     if params.invert == "true":  # tensors are model-ready; "auto" leaves them as sent
         pixels = 255 - pixels
-    probabilities = await task.infer(entry, pixels)
-    return JSONResponse(classification_answer(entry, probabilities, params.top_k, None))
+    probabilities, ood = await classify_pixels(entry, pixels, params.ood)
+    return JSONResponse(classification_answer(entry, probabilities, params.top_k, None, ood))
 
 
 ROUTES = [

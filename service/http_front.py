@@ -176,6 +176,8 @@ class ImageParams(ModelParams):
     """Classification's parameters."""
 
     top_k: int = Field(3, ge=1, le=10, description="how many classes to return per image")
+    ood: bool = Field(True, description="score each image's distance from the training images (ood: score, "
+                                        "threshold, flag, method); false skips it")
 
 
 class Base64ImagesRequest(ImageParams):

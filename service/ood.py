@@ -1,0 +1,77 @@
+"""The out-of-distribution score on every /classify answer: `ood: {score, threshold, flag, method}` per image.
+
+The method and its statistics come from the export step (export/evaluate_ood.py, which measured it against the
+others): `knn_cos_l2`, the larger of (1 - the largest cosine similarity) and the smallest euclidean distance of the
+image's embedding to 10,000 training embeddings, each divided by its scale (its 95th percentile on the validation
+split), the references and scales stored in models/<name>/ood.npz (sha256 in the card's features.ood, checked
+before the server starts like the similarity index: service/similarity.py). `flag` is true when the score is over the card's threshold, set on the
+validation split so that 95% of in-distribution images pass. The embedding comes from the same batched model call
+as the probabilities; the score is one matrix product.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+from dataclasses import dataclass
+
+import numpy as np
+
+from .similarity import feature_file_problems, feature_sections
+
+logger = logging.getLogger("bentoml.visionserve")
+# Above this many images the matrix product goes to a thread, like large image decodes.
+INLINE_IMAGES = 16
+
+
+@dataclass
+class OodScorer:
+    method: str
+    references: np.ndarray  # float32 [R, D], training embeddings
+    scales: tuple[float, float]  # of the cosine and the euclidean part
+    threshold: float
+
+    def __post_init__(self) -> None:
+        self.reference_norms = np.maximum(np.linalg.norm(self.references, axis=1), 1e-12)[None, :]
+
+    def scores(self, embeddings: np.ndarray) -> np.ndarray:
+        """The same arithmetic as export/evaluate_ood.py's knn_cos_l2_score, from one matrix product."""
+        x = embeddings.astype(np.float32)
+        dots = x @ self.references.T                                 # [N, R]
+        x_norms = np.maximum(np.linalg.norm(x, axis=1), 1e-12)[:, None]
+        cosine = 1.0 - (dots / (x_norms * self.reference_norms)).max(1)
+        euclidean = np.sqrt(np.maximum(x_norms ** 2 - 2 * dots + self.reference_norms ** 2, 0).min(1))
+        return np.maximum(cosine / self.scales[0], euclidean / self.scales[1])
+
+    def answers(self, embeddings: np.ndarray) -> list[dict]:
+        return [{"score": round(float(score), 6), "threshold": self.threshold,
+                 "flag": bool(score > self.threshold), "method": self.method} for score in self.scores(embeddings)]
+
+    async def answers_off_loop_if_large(self, embeddings: np.ndarray) -> list[dict]:
+        if len(embeddings) <= INLINE_IMAGES:
+            return self.answers(embeddings)
+        return await asyncio.to_thread(self.answers, embeddings)
+
+
+def load_ood_scorers(entries) -> dict[str, OodScorer]:
+    """The scorer of every available classifier whose card has features.ood; start-up only."""
+    scorers = {}
+    for entry in entries:
+        section = feature_sections(entry.card).get("ood")
+        if section is None or not entry.available:
+            continue
+        problems = feature_file_problems(entry.folder, entry.card)
+        if problems:  # checked before serving too: a file changed since is left out, never half-trusted
+            logger.error("OOD statistics of %s not loaded: %s", entry.name, "; ".join(problems))
+            continue
+        if section.get("method") != "knn_cos_l2":
+            logger.error("OOD statistics of %s not loaded: unknown method %r", entry.name, section.get("method"))
+            continue
+        with np.load(entry.folder / section["file"], allow_pickle=False) as stored:
+            references = stored["references"].astype(np.float32)
+            scales = tuple(float(value) for value in stored["scales"])
+        scorers[entry.name] = OodScorer(section["method"], np.ascontiguousarray(references), scales,
+                                        float(section["threshold"]))
+        logger.info("OOD scores of %s: %s over %d references, threshold %.6f, sha256 verified (%s)", entry.name,
+                    section["method"], len(references), section["threshold"], section["sha256"])
+    return scorers

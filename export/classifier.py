@@ -4,8 +4,9 @@
     python -m export.classifier --run runs/resnet/<stamp1> runs/resnet/<stamp2> --name resnet   # an ensemble
 
 The graph is the whole model: uint8 pixels [N,C,H,W] -> normalisation -> network -> softmax, with outputs
-`probabilities` [N,K] and `embedding` [N,D]. Before anything is written the graph must pass onnx.checker
-and agree with PyTorch on real test images (same argmax everywhere, probabilities within --tolerance);
+`probabilities` [N,K] and `embedding` [N,D], and for one network ending in global average pooling (the
+ResNet) `cam` [N,K,h,w], its class activation maps (service/explain.py; --no-cam leaves them out). Before
+anything is written the graph must pass onnx.checker and agree with PyTorch on real test images (same argmax everywhere, probabilities within --tolerance);
 the card's metrics are then measured by onnxruntime on the exported graph over the whole test split.
 """
 
@@ -56,6 +57,7 @@ class ClassifierGraph(nn.Module):
         super().__init__()
         self.members = nn.ModuleList(models)
         self.tta = tta
+        self.with_cam = False  # set by main() where supports_cam(): a third output, `cam`
         self.register_buffer("mean", torch.tensor(mean, dtype=torch.float32).view(1, -1, 1, 1))
         self.register_buffer("std", torch.tensor(std, dtype=torch.float32).view(1, -1, 1, 1))
 
@@ -63,7 +65,45 @@ class ClassifierGraph(nn.Module):
     def embedding_dim(self) -> int:
         return sum(member.embedding_dim for member in self.members)
 
-    def forward(self, pixels: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    def supports_cam(self) -> bool:
+        """Class activation maps (Zhou et al. 2016) need one network ending in global average pooling then one
+        linear layer (the ResNet), and views that map back onto the input exactly (no shifts: a one-pixel shift of
+        the input is a quarter cell of the 7x7 map). An ensemble's members each have their own feature space."""
+        if len(self.members) != 1 or self.tta == "flip-shift":
+            return False
+        member = self.members[0]
+        pool = getattr(member, "pool", None)
+        return (all(hasattr(member, name) for name in ("stem", "blocks", "classifier"))
+                and isinstance(pool, nn.Sequential) and isinstance(pool[0], nn.AdaptiveAvgPool2d)
+                and isinstance(member.classifier, nn.Linear))
+
+    def class_activation_maps(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """One normalised view -> (probabilities, features, cam [N, K, h, w]): cam_k = sum_c W_kc F_c + b_k over
+        the last feature maps F, so the mean of cam_k over its cells is exactly class k's logit."""
+        member = self.members[0]
+        maps = member.blocks(member.stem(x))  # 64w x H/4 x W/4
+        features = member.pool(maps)
+        logits = member.classifier(features)
+        weight = member.classifier.weight[:, :, None, None]  # K x 64w x 1 x 1
+        cam = nn.functional.conv2d(maps, weight, member.classifier.bias)
+        return torch.softmax(logits, dim=1), features, cam
+
+    def forward_with_cam(self, pixels: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """forward's two outputs and the views' mean class activation maps, each view's map mirrored back."""
+        raw = pixels.to(torch.float32)
+        views = TTA_VIEWS[self.tta]
+        probabilities = features = cam = None
+        for dy, dx, flip in views:
+            p, f, c = self.class_activation_maps(self.normalised_view(raw, None, dy, dx, flip))
+            c = torch.flip(c, dims=[3]) if flip else c
+            probabilities = p if probabilities is None else probabilities + p
+            features = f if features is None else features + f
+            cam = c if cam is None else cam + c
+        return probabilities / len(views), features / len(views), cam / len(views)
+
+    def forward(self, pixels: torch.Tensor) -> tuple[torch.Tensor, ...]:
+        if self.with_cam:
+            return self.forward_with_cam(pixels)
         # Test-time augmentation lives inside the graph so that every client gets it and no preprocessing
         # is written twice. Views are cut from the raw pixels padded with the background value 0.
         raw = pixels.to(torch.float32)
@@ -164,21 +204,33 @@ def validation_accuracy_by_tta(graph: ClassifierGraph, config: dict) -> dict[str
     return {tta: count / len(val) for tta, count in correct.items()}
 
 
+# CAM cells are logits (magnitudes up to ~20): compared relative to the largest cell of the batch.
+CAM_RELATIVE_TOLERANCE = 1e-4
+
+
 def check_parity(graph: ClassifierGraph, session, images: np.ndarray, tolerance: float) -> dict:
     with torch.no_grad():
-        torch_probs, torch_emb = (t.numpy() for t in graph(torch.from_numpy(images)))
-    ort_probs, ort_emb = run_batched(session, {"pixels": images})
+        torch_out = [t.numpy() for t in graph(torch.from_numpy(images))]
+    ort_out = run_batched(session, {"pixels": images})
+    (torch_probs, torch_emb), (ort_probs, ort_emb) = torch_out[:2], ort_out[:2]
     agreement = float((torch_probs.argmax(1) == ort_probs.argmax(1)).mean())
     max_prob_diff = float(np.abs(torch_probs - ort_probs).max())
     report = {"images": int(len(images)), "argmax_agreement": agreement, "max_abs_probability_diff": max_prob_diff,
               "max_abs_embedding_diff": float(np.abs(torch_emb - ort_emb).max()), "tolerance": tolerance}
     if agreement < 1.0 or max_prob_diff > tolerance:
         raise ParityError(f"onnxruntime disagrees with PyTorch: {report}")
+    if len(torch_out) == 3:
+        scale = float(np.abs(torch_out[2]).max())
+        report["max_abs_cam_diff"] = float(np.abs(torch_out[2] - ort_out[2]).max())
+        report["max_abs_cam"] = scale
+        report["cam_relative_tolerance"] = CAM_RELATIVE_TOLERANCE
+        if report["max_abs_cam_diff"] > CAM_RELATIVE_TOLERANCE * scale:
+            raise ParityError(f"onnxruntime's class activation maps disagree with PyTorch's: {report}")
     return report
 
 
 def onnx_test_metrics(session, images: np.ndarray, labels: np.ndarray, label_names: list[str]) -> tuple[dict, np.ndarray]:
-    probabilities, _ = run_batched(session, {"pixels": images})
+    probabilities = run_batched(session, {"pixels": images})[0]
     predictions = probabilities.argmax(1)
     nll = float(-np.log(np.clip(probabilities[np.arange(len(labels)), labels], 1e-12, None)).mean())
     per_class = {name: float((predictions[labels == k] == k).mean()) for k, name in enumerate(label_names)}
@@ -237,6 +289,10 @@ def build_card(name: str, graph: ClassifierGraph, runs: list[Run], metrics: dict
         "outputs": [
             {"name": "probabilities", "dtype": "float32", "shape": ["N", len(record["label_names"])]},
             {"name": "embedding", "dtype": "float32", "shape": ["N", graph.embedding_dim]},
+            *([{"name": "cam", "dtype": "float32", "shape": ["N", len(record["label_names"]), *cam_shape(in_shape)],
+                "description": "class activation maps: per class, the last feature maps weighted by the classifier's "
+                               "weights plus its bias (the mean over cells is the class's logit); the mean over the "
+                               "test-time views, each mirrored back"}] if graph.with_cam else []),
         ],
         "labels": record["label_names"],
         "metrics": {"split": "test", "dataset": record["config"]["dataset"],
@@ -247,6 +303,11 @@ def build_card(name: str, graph: ClassifierGraph, runs: list[Run], metrics: dict
         "export": {"exporter": "torch.onnx.export(dynamo=True, external_data=False)", "opset": opset,
                    **runtime_versions()},
     }
+
+
+def cam_shape(in_shape: tuple) -> list[int]:
+    """The ResNet's last feature maps: height and width halved twice (28 -> 7)."""
+    return [-(-in_shape[1] // 4), -(-in_shape[2] // 4)]
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
@@ -266,6 +327,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--max-passes", type=int,
                    help="with --choose-tta: consider only augmentations of at most this many passes per member (a "
                         "cost budget: the ResNet student may spend 5 ResNet-20 passes, 1/8 of the ensemble's 40)")
+    p.add_argument("--no-cam", action="store_true",
+                   help="leave out the `cam` output (class activation maps) even where the architecture has them")
     p.add_argument("--dry-run", action="store_true", help="check parity and print the card without writing")
     return with_command(p.parse_args(argv), argv)
 
@@ -283,8 +346,10 @@ def main(args: argparse.Namespace) -> dict:
     images, labels = test.images.numpy(), test.labels.numpy()
     in_shape = tuple(images.shape[1:])
 
+    graph.with_cam = graph.supports_cam() and not args.no_cam
     example = torch.from_numpy(images[:2])
-    model_bytes = export_to_bytes(graph, (example,), ["pixels"], ["probabilities", "embedding"],
+    output_names = ["probabilities", "embedding", *(["cam"] if graph.with_cam else [])]
+    model_bytes = export_to_bytes(graph, (example,), ["pixels"], output_names,
                                   {"pixels": {0: torch.export.Dim("batch", min=1, max=65536)}})
     session = cpu_session(model_bytes)
     parity = check_parity(graph, session, images[:max(args.parity_images, 1)], args.tolerance)

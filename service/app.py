@@ -27,7 +27,7 @@ from starlette.requests import Request
 from starlette.responses import JSONResponse
 from starlette.routing import Route
 
-from . import classify, features, generate, metrics, segment, v2, web
+from . import classify, explain, features, generate, metrics, segment, v2, web
 from .config import ServingConfig, access_log_from_environment, workers_from_environment
 from .errors import EXCEPTION_HANDLERS, ApiError
 from .http_front import AdmissionLimit, ControlCharactersInPath, RequestBodyLimit
@@ -38,7 +38,6 @@ from .onnx_models import (GPU_INSTALL_HINT, cuda_missing, preload_cuda_libraries
 from .openapi import build_openapi
 from .request_context import RequestId
 from .security import ApiKeyAuth
-from .ood import load_ood_scorers
 from .similarity import check_feature_files, load_similarity_indexes
 from .task_models import TaskModels
 
@@ -117,6 +116,7 @@ def build_front() -> Starlette:
     return Starlette(
         routes=[
             *classify.ROUTES,
+            *explain.ROUTES,  # /explain: saliency maps (service/explain.py)
             *features.ROUTES,  # /embed and /similar (service/features.py)
             *segment.ROUTES,
             *generate.ROUTES,
@@ -127,6 +127,7 @@ def build_front() -> Starlette:
             Route("/openapi.json", openapi_document, methods=["GET"]),
             # Unknown paths under our prefixes get our error shape (elsewhere BentoML answers its own 404).
             Route("/classify/{rest:path}", unknown_path, methods=any_method),
+            Route("/explain/{rest:path}", unknown_path, methods=any_method),
             Route("/embed/{rest:path}", unknown_path, methods=any_method),
             Route("/similar/{rest:path}", unknown_path, methods=any_method),
             Route("/segment/{rest:path}", unknown_path, methods=any_method),
@@ -208,8 +209,6 @@ class VisionService:
         # /similar's indexes, loaded once here and never built at request time (service/similarity.py).
         self.similarity = load_similarity_indexes(self.classification.models.values(),
                                                   threads=inference.intra_op_threads)
-        # Each /classify answer's `ood` (service/ood.py): the export step's statistics, checked like the index.
-        self.ood = load_ood_scorers(self.classification.models.values())
         self.check_device(inference.device)
         if not any(task.models for task in self.tasks):
             raise RuntimeError(f"none of the {len(models)} models named is of a served task "

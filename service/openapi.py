@@ -21,6 +21,7 @@ from .config import RequestLimits
 from .features import EmbedJsonRequest, EmbedParams, SimilarJsonRequest, SimilarParams
 from .generate import GenerateParams, InterpolateParams
 from .http_front import Base64ImagesRequest, ImageParams
+from .explain import ExplainJsonRequest, ExplainParams
 from .segment import SegmentJsonRequest, SegmentParams
 
 OPENAPI_VERSION = "3.1.0"
@@ -52,20 +53,11 @@ class ClassScore(BaseModel):
     probability: float = Field(..., ge=0, le=1)
 
 
-class OodAnswer(BaseModel):
-    model_config = ConfigDict(extra="forbid")
-    score: float = Field(..., description="higher: less like the training images (service/ood.py)")
-    threshold: float = Field(..., description="the card's threshold: 95% of validation images score at most this")
-    flag: bool = Field(..., description="score > threshold: probably not an image of the kind the model knows")
-    method: str = Field(..., description="e.g. knn_cos_l2 (benchmarks/results/ood.md compares the methods)")
-
-
 class Prediction(BaseModel):
     model_config = ConfigDict(extra="forbid")
     image: int = Field(..., ge=0, description="position of the image in the request")
     top_k: list[ClassScore] = Field(..., min_length=1, max_length=10, description="most likely first")
     inverted: bool | None = Field(None, description="whether the image was inverted (absent for tensors)")
-    ood: OodAnswer | None = Field(None, description="absent with ood=false; null for a model without OOD statistics")
 
 
 class ClassificationAnswer(BaseModel):
@@ -73,6 +65,33 @@ class ClassificationAnswer(BaseModel):
     model: str
     version: str | None
     predictions: list[Prediction]
+
+
+class SaliencyMap(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+    height: int = Field(..., ge=1)
+    width: int = Field(..., ge=1)
+    values: list[list[float]] | str = Field(..., description="rows of floats (encoding=list), or a base64 float32 "
+                                                             ".npy array [height, width] (encoding=npy-base64)")
+
+
+class ExplanationAnswer(BaseModel):
+    model_config = ConfigDict(extra="forbid", protected_namespaces=())
+    model: str
+    version: str | None
+    method: Literal["occlusion", "cam"] = Field(..., description="the method that ran")
+    target: ClassScore = Field(..., description="the class explained and its probability")
+    top_k: list[ClassScore]
+    inverted: bool | None = Field(None, description="absent for tensors")
+    passes: int = Field(..., ge=1, description="images the model ran for this explanation (one onnxruntime call)")
+    patch: int | None = None
+    stride: int | None = None
+    fill: int | None = Field(None, description="occlusion: the value occluded pixels get (the training background)")
+    feature_map: list[int] | None = Field(None, description="cam: the height and width of the maps before upsampling")
+    meaning: str
+    encoding: Literal["list", "npy-base64"]
+    map: SaliencyMap = Field(..., description="at the model's input size")
+    input_map: SaliencyMap = Field(..., description="at the input image's own size (the fit's padding cut off)")
 
 
 class EmbeddingAnswer(BaseModel):
@@ -203,13 +222,42 @@ class ModelList(BaseModel):
 
 SCHEMA_MODELS = (Error, ClassificationAnswer, SegmentationAnswer, GeneratedImages, ModelDescription, ModelList,
                  Base64ImagesRequest, SegmentJsonRequest, GenerateParams, InterpolateParams,
-                 EmbeddingAnswer, SimilarityAnswer, EmbedJsonRequest, SimilarJsonRequest)
+                 EmbeddingAnswer, SimilarityAnswer, EmbedJsonRequest, SimilarJsonRequest,
+                 ExplanationAnswer, ExplainJsonRequest)
 
 
 # --- building blocks ----------------------------------------------------------------------------------
 
 def ref(model: type[BaseModel]) -> dict:
     return {"$ref": REF_TEMPLATE.format(model=model.__name__)}
+
+
+def explain_paths(classifier: str | None, png: str, image_errors: dict, errors) -> dict:
+    """/explain in the three input forms of /classify, one image each (service/explain.py)."""
+    answer = {"description": "a saliency map for the target class (JSON), or with format=overlay a PNG heat map "
+                             "over the input (headers X-Model, X-Method, X-Target, X-Target-Index, "
+                             "X-Target-Probability)",
+              "content": {**json_content(ref(ExplanationAnswer)), **PNG_CONTENT}}
+    return {
+        "/explain": {"post": {
+            "summary": "Explain one uploaded image's classification: occlusion or class activation map",
+            "operationId": "explain", "parameters": query_parameters(ExplainParams, classifier),
+            "requestBody": {"required": True, "content": {"multipart/form-data": {
+                "schema": multipart_body("images", ExplainParams, many=False)}}},
+            "responses": {"200": answer, **image_errors}}},
+        "/explain/json": {"post": {
+            "summary": "Explain one base64 image's classification", "operationId": "explain_json",
+            "requestBody": {"required": True, "content": {"application/json": {
+                "schema": ref(ExplainJsonRequest),
+                "example": {"images": [png], **({"model": classifier} if classifier else {})}}}},
+            "responses": {"200": answer, **image_errors}}},
+        "/explain/tensor": {"post": {
+            "summary": "Explain one uint8 .npy image [1,H,W] or [1,C,H,W] of model-ready pixels",
+            "operationId": "explain_tensor", "parameters": query_parameters(ExplainParams, classifier),
+            "requestBody": {"required": True, "content": {"application/octet-stream": {
+                "schema": {"type": "string", "format": "binary"}}}},
+            "responses": {"200": answer, **errors("401", "404", "413", "422", "503")}}},
+    }
 
 
 def component_schemas(limits: RequestLimits) -> dict:
@@ -382,6 +430,7 @@ def build_openapi(limits: RequestLimits, default_models: dict[str, str | None], 
             "responses": {"200": classification, **errors("401", "404", "413", "422", "503")},
         }},
         **feature_paths(classifier, png, classify_errors, errors),
+        **explain_paths(classifier, png, classify_errors, errors),
         "/segment": {"post": {
             "summary": "Segment one image (multipart file, or base64 in JSON)",
             "operationId": "segment",

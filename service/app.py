@@ -38,6 +38,7 @@ from .onnx_models import (GPU_INSTALL_HINT, cuda_missing, preload_cuda_libraries
 from .openapi import build_openapi
 from .request_context import RequestId
 from .security import ApiKeyAuth
+from .ood import load_ood_scorers
 from .similarity import check_feature_files, load_similarity_indexes
 from .task_models import TaskModels
 
@@ -209,6 +210,8 @@ class VisionService:
         # /similar's indexes, loaded once here and never built at request time (service/similarity.py).
         self.similarity = load_similarity_indexes(self.classification.models.values(),
                                                   threads=inference.intra_op_threads)
+        # Each /classify answer's `ood` (service/ood.py): the export step's statistics, checked like the index.
+        self.ood = load_ood_scorers(self.classification.models.values())
         self.check_device(inference.device)
         if not any(task.models for task in self.tasks):
             raise RuntimeError(f"none of the {len(models)} models named is of a served task "

@@ -53,11 +53,20 @@ class ClassScore(BaseModel):
     probability: float = Field(..., ge=0, le=1)
 
 
+class OodAnswer(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+    score: float = Field(..., description="higher: less like the training images (service/ood.py)")
+    threshold: float = Field(..., description="the card's threshold: 95% of validation images score at most this")
+    flag: bool = Field(..., description="score > threshold: probably not an image of the kind the model knows")
+    method: str = Field(..., description="e.g. knn_cos_l2 (benchmarks/results/ood.md compares the methods)")
+
+
 class Prediction(BaseModel):
     model_config = ConfigDict(extra="forbid")
     image: int = Field(..., ge=0, description="position of the image in the request")
     top_k: list[ClassScore] = Field(..., min_length=1, max_length=10, description="most likely first")
     inverted: bool | None = Field(None, description="whether the image was inverted (absent for tensors)")
+    ood: OodAnswer | None = Field(None, description="absent with ood=false; null for a model without OOD statistics")
 
 
 class ClassificationAnswer(BaseModel):

@@ -12,6 +12,7 @@ from starlette.requests import Request
 from starlette.responses import JSONResponse
 from starlette.routing import Route
 
+from . import metrics
 from .http_front import (
     Base64ImagesRequest,
     ImageParams,
@@ -57,7 +58,9 @@ async def classify_pixels(entry: ModelEntry, pixels: np.ndarray, want_ood: bool)
         probabilities = await task.infer(entry, pixels)
         return probabilities, ([None] * len(probabilities) if want_ood else None)
     outputs = await task.infer(entry, pixels, outputs=["probabilities", "embedding"])
-    return outputs["probabilities"], await scorer.answers_off_loop_if_large(outputs["embedding"])
+    answers = await scorer.answers_off_loop_if_large(outputs["embedding"])
+    metrics.count_ood(entry.name, answers)  # visionserve_ood_scored_images_total / _flagged_images_total
+    return outputs["probabilities"], answers
 
 
 def classifiers() -> TaskModels:

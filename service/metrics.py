@@ -82,6 +82,28 @@ def model_info():
                                  multiprocess_mode="livemax")
 
 
+@functools.cache
+def ood_scored_total():
+    return bentoml.metrics.Counter(name="visionserve_ood_scored_images", labelnames=["model"],
+                                   documentation="/classify images given an out-of-distribution answer")
+
+
+@functools.cache
+def ood_flagged_total():
+    return bentoml.metrics.Counter(name="visionserve_ood_flagged_images", labelnames=["model"],
+                                   documentation="/classify images flagged out of distribution (score > the card's "
+                                                 "threshold)")
+
+
+def count_ood(model: str, answers: list[dict | None]) -> None:
+    scored = [answer for answer in answers if answer is not None]
+    if scored:
+        ood_scored_total().labels(model=model).inc(len(scored))
+        flagged = sum(bool(answer.get("flag")) for answer in scored)
+        if flagged:
+            ood_flagged_total().labels(model=model).inc(flagged)
+
+
 class ModelMetrics:
     """What a model's batcher reports, bound to the model's label once (labels() costs a dict lookup per call)."""
 

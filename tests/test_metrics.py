@@ -50,12 +50,16 @@ def value(found: dict, name: str, **labels) -> float:
 
 def test_per_model_counts_batches_and_provider_are_the_servers_across_two_workers(two_worker_server):
     url = two_worker_server.url
+    scored, flagged = dict.fromkeys(CALLS, 0), dict.fromkeys(CALLS, 0)
     for model, (requests, images) in CALLS.items():
         for i in range(requests):  # a fresh connection each: the two workers share them
             response = httpx.post(url + "/classify", files=[("images", (f"{k}.png", png(k), "image/png"))
                                                             for k in range(images)],
                                   data={"model": model}, headers={"X-Request-ID": f"m-{model}-{i}"}, timeout=30)
             assert response.status_code == 200, response.text
+            answers = [p.get("ood") for p in response.json()["predictions"]]
+            scored[model] += sum(a is not None for a in answers)
+            flagged[model] += sum(bool(a and a["flag"]) for a in answers)
     assert httpx.post(url + "/classify", files={"images": ("a.png", png(0), "image/png")},
                       data={"model": "cnn", "top_k": "99"}, timeout=30).status_code == 422
     assert httpx.post(url + "/classify", files={"images": ("a.png", png(0), "image/png")},
@@ -80,6 +84,9 @@ def test_per_model_counts_batches_and_provider_are_the_servers_across_two_worker
         assert value(found, "visionserve_inference_seconds_count", model=model) == total
         assert value(found, "visionserve_batch_size_sum", model=model) == requests * images
         assert value(found, "visionserve_queued_images", model=model) == 0
+        # The OOD answers /classify gave (uniform images: some flagged), counted per model.
+        assert value(found, "visionserve_ood_scored_images_total", model=model) == scored[model] == requests * images
+        assert value(found, "visionserve_ood_flagged_images_total", model=model) == flagged[model]
         card = json.loads((MODELS_DIR / model / "card.json").read_text())
         assert value(found, "visionserve_model_info", model=model, version=card["version"], sha256=card["sha256"],
                      provider=CPU) == 1

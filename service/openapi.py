@@ -21,6 +21,7 @@ from .config import RequestLimits
 from .features import EmbedJsonRequest, EmbedParams, SimilarJsonRequest, SimilarParams
 from .generate import GenerateParams, InterpolateParams
 from .http_front import Base64ImagesRequest, ImageParams
+from . import v2
 from .explain import ExplainJsonRequest, ExplainParams
 from .segment import SegmentJsonRequest, SegmentParams
 
@@ -503,6 +504,7 @@ def build_openapi(limits: RequestLimits, default_models: dict[str, str | None], 
                           **errors("401")},
         }},
     }
+    paths.update(v2.openapi_paths(classifier, auth))  # the Open Inference Protocol's routes, its error shape
     add_request_id_header(paths)
     document = {
         "openapi": OPENAPI_VERSION,

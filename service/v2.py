@@ -99,7 +99,7 @@ def split_body(body: bytes, header_length: str | None) -> tuple[bytes, bytes]:
     """The JSON header and the binary tensors after it (binary tensor extension)."""
     if header_length is None:
         return body, b""
-    if not header_length.strip().isdigit() or not 0 < int(header_length) <= len(body):
+    if not (header_length.strip().isascii() and header_length.strip().isdigit()) or not 0 < int(header_length) <= len(body):
         raise bad_request(f"{HEADER_LENGTH}: {header_length!r} is not a length between 1 and the body's "
                           f"{len(body)} bytes")
     length = int(header_length)
@@ -122,6 +122,9 @@ def parse_header(data: bytes) -> dict:
     if request.get("outputs") is not None and (not isinstance(request["outputs"], list) or not all(
             isinstance(item, dict) and isinstance(item.get("name"), str) for item in request["outputs"])):
         raise bad_request("'outputs' must be a list of {name, parameters}")
+    for tensor in [*inputs, *(request.get("outputs") or [])]:
+        if tensor.get("parameters") is not None and not isinstance(tensor["parameters"], dict):
+            raise bad_request(f"tensor {tensor.get('name')!r}: 'parameters' must be an object")
     return request
 
 
@@ -562,3 +565,112 @@ ROUTES = [
     *routes_with_versions("/v2/models/{name}/infer", infer, ["POST"]),
     *routes_with_versions("/v2/models/{name}/stats", model_statistics, ["GET"]),
 ]
+
+
+# --- the OpenAPI document's V2 paths (service/openapi.py adds them) ---------------------------------------------
+
+ERROR_SCHEMA = {"type": "object", "required": ["error"], "properties": {
+    "error": {"type": "string"}, "request_id": {"type": "string"}}}
+TENSOR_SPEC_SCHEMA = {"type": "object", "required": ["name", "datatype", "shape"], "properties": {
+    "name": {"type": "string"}, "datatype": {"type": "string"}, "shape": {"type": "array", "items": {"type": "integer"}}}}
+INFER_REQUEST_SCHEMA = {
+    "type": "object", "required": ["inputs"],
+    "properties": {
+        "id": {"type": "string"},
+        "parameters": {"type": "object"},
+        "inputs": {"type": "array", "minItems": 1, "items": {
+            "type": "object", "required": ["name", "shape", "datatype"],
+            "properties": {"name": {"type": "string"},
+                           "shape": {"type": "array", "items": {"type": "integer", "minimum": 0}},
+                           "datatype": {"enum": [*DTYPES, "BYTES"]},
+                           "parameters": {"type": "object", "properties": {
+                               "binary_data_size": {"type": "integer", "minimum": 0}}},
+                           "data": {}}}},
+        "outputs": {"type": "array", "items": {"type": "object", "required": ["name"], "properties": {
+            "name": {"type": "string"}, "parameters": {"type": "object"}}}},
+    },
+}
+INFER_ANSWER_SCHEMA = {"type": "object", "required": ["model_name", "model_version", "outputs"], "properties": {
+    "model_name": {"type": "string"}, "model_version": {"type": "string"}, "id": {"type": "string"},
+    "outputs": {"type": "array", "items": {**TENSOR_SPEC_SCHEMA, "properties": {
+        **TENSOR_SPEC_SCHEMA["properties"], "data": {"type": "array"}, "parameters": {"type": "object"}}}}}}
+STATS_SCHEMA = {"type": "object", "required": ["model_stats"], "properties": {"model_stats": {"type": "array", "items": {
+    "type": "object", "required": ["name", "version", "inference_count", "execution_count", "inference_stats"]}}}}
+ERROR_MEANINGS = {"400": "a bad tensor, shape, datatype, parameter, image or body", "401": "missing or wrong API key",
+                  "404": "unknown model or version", "413": "over a limit: body bytes, images per request, pixels",
+                  "503": "overloaded (with Retry-After) or the model is unavailable"}
+
+
+def openapi_paths(default_classifier: str | None, auth: bool) -> dict:
+    """The V2 routes for GET /openapi.json, their errors in the protocol's shape."""
+    def errors(*statuses: str) -> dict:
+        answers = {}
+        for status in statuses:
+            if status == "401" and not auth:
+                continue
+            answers[status] = {"description": ERROR_MEANINGS[status],
+                               "content": {"application/json": {"schema": ERROR_SCHEMA}}}
+            if status == "503":
+                answers[status]["headers"] = {"Retry-After": {"schema": {"type": "string", "pattern": "^[0-9]+$"}}}
+            if status == "401":
+                answers[status]["headers"] = {"WWW-Authenticate": {"required": True, "schema": {"type": "string"}}}
+        return answers
+
+    def json_answer(description: str, schema: dict) -> dict:
+        return {"description": description, "content": {"application/json": {"schema": schema}}}
+
+    def name_parameters(with_version: bool) -> list[dict]:
+        name = {"name": "name", "in": "path", "required": True, "schema": {"type": "string"},
+                **({"example": default_classifier} if default_classifier else {})}
+        return [name] + ([{"name": "version", "in": "path", "required": True, "schema": {"type": "string"}}]
+                         if with_version else [])
+
+    status_only = {"description": "yes", "content": {}}
+    paths = {
+        "/v2": {"get": {"summary": "V2 server metadata", "operationId": "v2_server_metadata",
+                        "responses": {"200": json_answer("name, version, extensions", {"type": "object"}),
+                                      **errors("401")}}},
+        "/v2/health/live": {"get": {"summary": "V2 liveness", "operationId": "v2_live",
+                                    "responses": {"200": status_only}}},
+        "/v2/health/ready": {"get": {"summary": "V2 readiness", "operationId": "v2_ready",
+                                     "responses": {"200": status_only,
+                                                   "503": {"description": "no model is available", "content": {}}}}},
+        "/v2/models/stats": {"get": {"summary": "V2 statistics of every model", "operationId": "v2_all_stats",
+                                     "responses": {"200": json_answer("model_stats", STATS_SCHEMA), **errors("401")}}},
+        "/v2/repository/index": {"post": {"summary": "V2 repository index: every model and its state",
+                                          "operationId": "v2_repository_index",
+                                          "responses": {"200": json_answer("name, version, state", {"type": "array"}),
+                                                        **errors("401")}}},
+    }
+    for with_version in (False, True):
+        base, suffix = "/v2/models/{name}" + ("/versions/{version}" if with_version else ""), \
+            "_version" if with_version else ""
+        parameters = name_parameters(with_version)
+        paths[base] = {"get": {"summary": "V2 model metadata", "operationId": f"v2_model_metadata{suffix}",
+                               "parameters": parameters,
+                               "responses": {"200": json_answer("inputs and outputs", {"type": "object", "properties": {
+                                   "inputs": {"type": "array", "items": TENSOR_SPEC_SCHEMA},
+                                   "outputs": {"type": "array", "items": TENSOR_SPEC_SCHEMA}}}),
+                                   **errors("401", "404")}}}
+        paths[f"{base}/ready"] = {"get": {"summary": "V2 model readiness", "operationId": f"v2_model_ready{suffix}",
+                                          "parameters": parameters,
+                                          "responses": {"200": status_only, **errors("400", "401", "404")}}}
+        paths[f"{base}/stats"] = {"get": {"summary": "V2 statistics of one model", "operationId": f"v2_stats{suffix}",
+                                          "parameters": parameters,
+                                          "responses": {"200": json_answer("model_stats", STATS_SCHEMA),
+                                                        **errors("401", "404")}}}
+        example = {"inputs": [{"name": "pixels", "shape": [1, 1, 28, 28], "datatype": "UINT8", "data": [0] * 784}],
+                   "outputs": [{"name": "probabilities"}]}
+        paths[f"{base}/infer"] = {"post": {
+            "summary": "V2 inference: JSON tensors, or the binary tensor extension (a JSON header of "
+                       "Inference-Header-Content-Length bytes, then the tensors' bytes)",
+            "operationId": f"v2_infer{suffix}", "parameters": parameters,
+            "requestBody": {"required": True, "content": {
+                "application/json": {"schema": INFER_REQUEST_SCHEMA, **({} if with_version else {"example": example})},
+                "application/octet-stream": {"schema": {"type": "string", "format": "binary"}}}},
+            "responses": {"200": {"description": "the outputs asked for (every output when none is named)",
+                                  "content": {"application/json": {"schema": INFER_ANSWER_SCHEMA},
+                                              "application/octet-stream": {"schema": {"type": "string",
+                                                                                      "format": "binary"}}}},
+                          **errors("400", "401", "404", "413", "503")}}}
+    return paths

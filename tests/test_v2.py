@@ -263,6 +263,9 @@ MALFORMED = {
     "header length past the body": (b"{}", {"Inference-Header-Content-Length": "99"}),
     "header length not an integer": (b"{}", {"Inference-Header-Content-Length": "two"}),
     "header length negative": (b"{}", {"Inference-Header-Content-Length": "-2"}),
+    "header length not ascii digits": (b"{}", {"Inference-Header-Content-Length": "\u00b2".encode("latin-1")}),
+    "output parameters not an object": infer_body({"inputs": [{**PIXELS, "data": [0] * 784}],
+                                                   "outputs": [{"name": "probabilities", "parameters": "yes"}]}),
     # Nothing of the declared size may be allocated: 10**12 images of 784 bytes, in JSON and in binary.
     "huge shape": infer_body({"inputs": [{**PIXELS, "shape": [10**12, 1, 28, 28], "data": [0]}]}),
     "huge binary shape": infer_body({"inputs": [{**BINARY_PIXELS, "shape": [10**12, 1, 28, 28]}]}, b"\0" * 784),

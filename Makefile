@@ -13,7 +13,7 @@ IMAGE   ?= visionserve:$(VERSION)
 # deploy/requirements-gpu.txt) go into the venv, so a machine with only an NVIDIA driver runs the CUDA provider.
 GPU     ?=
 
-.PHONY: help install data test serve bento image gpu-check gpu-wheels evaluate index bench-serve bench-classifiers bench-train performance loadtest fuzz models-present browser screenshots clean \
+.PHONY: help install data test serve bento image gpu-check gpu-wheels evaluate index bench-serve bench-classifiers int8 bench-train performance loadtest fuzz models-present browser screenshots clean \
 	overload soak faults
 .DEFAULT_GOAL := help
 
@@ -28,6 +28,7 @@ help:
 	@echo "make index      /similar's index of the released CNN: models/cnn/similarity.faiss (export/index.py)"
 	@echo "make evaluate   evaluate the released models with onnxruntime on the full test split"
 	@echo "make bench-serve  raw onnxruntime vs served throughput and latency"
+	@echo "make int8        INT8 (QDQ) variants measured against fp32; released only if they pass (benchmarks/results/int8.md)"
 	@echo "make bench-classifiers  raw onnxruntime ms per image of every classifier beside its accuracy"
 	@echo "make bench-train  training-step time of each architecture, NCHW vs channels_last"
 	@echo "make performance  bench-serve, then Locust per endpoint at 4-96 users: docs/PERFORMANCE.md (~15 min)"
@@ -146,6 +147,10 @@ bench-serve: install data models-present
 	$(BIN)/python benchmarks/bench_serve.py --out benchmarks/results
 
 # Raw onnxruntime ms per image of every released classifier beside its accuracy; benchmarks/results/classifier_cost.*
+# INT8 variants of the CNN and the ResNet student, released only if they keep accuracy and gain speed (issue 22)
+int8: install data models-present
+	$(BIN)/python -m export.quantize
+
 bench-classifiers: install data models-present
 	$(BIN)/python benchmarks/classifier_cost.py --out benchmarks/results
 

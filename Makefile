@@ -146,11 +146,11 @@ print-%:
 bench-serve: install data models-present
 	$(BIN)/python benchmarks/bench_serve.py --out benchmarks/results
 
-# Raw onnxruntime ms per image of every released classifier beside its accuracy; benchmarks/results/classifier_cost.*
 # INT8 variants of the CNN and the ResNet student, released only if they keep accuracy and gain speed (issue 22)
 int8: install data models-present
 	$(BIN)/python -m export.quantize
 
+# Raw onnxruntime ms per image of every released classifier beside its accuracy; benchmarks/results/classifier_cost.*
 bench-classifiers: install data models-present
 	$(BIN)/python benchmarks/classifier_cost.py --out benchmarks/results
 

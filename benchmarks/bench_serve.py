@@ -39,7 +39,7 @@ BOUNDARY = "benchboundary7f3a"
 
 # (label, environment) of the server configurations compared at 32 concurrent clients. The first is the
 # default the service ships with and gets every measurement; the others only the concurrency run.
-SHIPPED = {"VISIONSERVE_BATCHING": "on", "VISIONSERVE_WORKERS": "1"}  # the defaults, spelled out
+SHIPPED = {"VISIONSERVE_BATCHING": "on", "VISIONSERVE_WORKERS": "1"}  # one worker (the default is one per core)
 SERVER_CONFIGS = [
     ("batched, 1 worker x 2 threads (shipped defaults)", SHIPPED),
     ("same, access log on (BentoML's default)", {**SHIPPED, "VISIONSERVE_ACCESS_LOG": "on"}),

@@ -50,7 +50,7 @@ from loadtests.report import load_objectives, read_failures, read_stats  # noqa:
 from loadtests.scenarios import ENDPOINTS, Endpoint, available_tasks  # noqa: E402
 
 BIN = Path(sys.executable).parent
-SHIPPED = {"VISIONSERVE_BATCHING": "on", "VISIONSERVE_WORKERS": "1"}  # the service's defaults, spelled out
+SHIPPED = {"VISIONSERVE_BATCHING": "on", "VISIONSERVE_WORKERS": "1"}  # one worker (the default is one per core)
 ITEMS_PER_REQUEST = {"classify": 1, "classify_batch": 16, "tensor": 16, "segment": 1, "generate": 16}
 ITEM_NAME = {"classification": "images", "segmentation": "scenes", "generation": "samples"}
 # bench-serve's cells, per load-test endpoint: (task, request name in serve.json) for 1 item and batched.

@@ -25,14 +25,37 @@ def _int(environ: Mapping[str, str], name: str, default: int, minimum: int = 1) 
     return value
 
 
-def available_cores() -> int:
-    # sched_getaffinity honours taskset/cgroup CPU pinning, which os.cpu_count() ignores.
-    return len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
+def cgroup_cpu_limit(cgroup_root: Path = Path("/sys/fs/cgroup")) -> float | None:
+    """The CPUs a cgroup quota allows (a container's `--cpus`, a pod's CPU limit), or None when there is none:
+    cgroup v2 `cpu.max` ("200000 100000" is 2 CPUs, "max 100000" no limit), else v1 `cpu.cfs_quota_us`."""
+    try:
+        quota, period = (cgroup_root / "cpu.max").read_text().split()[:2]
+        return None if quota == "max" else int(quota) / int(period)
+    except (OSError, ValueError):
+        pass
+    try:
+        quota = int((cgroup_root / "cpu" / "cpu.cfs_quota_us").read_text())
+        period = int((cgroup_root / "cpu" / "cpu.cfs_period_us").read_text())
+        return None if quota <= 0 else quota / period
+    except (OSError, ValueError):
+        return None
+
+
+def available_cores(cgroup_root: Path = Path("/sys/fs/cgroup")) -> int:
+    """The cores this process may really use: its affinity (taskset, cpusets; os.cpu_count() ignores them), capped
+    by a cgroup CPU quota rounded down (at least 1)."""
+    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
+    limit = cgroup_cpu_limit(cgroup_root)
+    return max(1, min(cores, int(limit))) if limit is not None else cores
 
 
 def workers_from_environment(environ: Mapping[str, str] = os.environ) -> int:
-    """BentoML fixes the worker count when the service class is declared, so this one value is read there."""
-    return _int(environ, "WORKERS", 1)
+    """BentoML fixes the worker count when the service class is declared, so this one value is read there.
+
+    Default: one worker per usable core. Measured on 2 cores (issue 22, 32 closed-loop clients, single CNN PNGs):
+    1 worker 664 req/s, p99 90 ms; 2 workers 1,155 req/s, p99 54 ms. The front (HTTP, multipart, PNG decoding) is
+    single-threaded Python per worker, so a second worker is what uses a second core."""
+    return _int(environ, "WORKERS", available_cores())
 
 
 def access_log_from_environment(environ: Mapping[str, str] = os.environ) -> bool:

@@ -73,6 +73,9 @@ def start_server(log_path: Path, extra_env: dict[str, str], timeout_s: float = 1
     port = free_port()
     env = {**os.environ, **extra_env, "BENTOML_DO_NOT_TRACK": "True"}
     env.pop("BENTOML_HOST", None)
+    # One worker unless the test asks for more (the shipped default is one per core): per-worker figures (batch
+    # sizes, V2 statistics) stay exact, and the suite's servers do not each take every core.
+    env["VISIONSERVE_WORKERS"] = extra_env.get("VISIONSERVE_WORKERS", "1")
     for way in ("VISIONSERVE_MODELS", "VISIONSERVE_MODELS_DIR", "VISIONSERVE_CARDS_DIR"):
         if way not in extra_env:  # the test names the models to serve, not the developer's shell
             env.pop(way, None)

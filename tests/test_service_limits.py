@@ -6,6 +6,7 @@ the defaults are checked separately.
 
 from __future__ import annotations
 
+import os
 import base64
 import io
 import socket
@@ -272,3 +273,25 @@ def test_bad_image_late_in_a_large_request_is_named(server):
     files[35] = ("images", ("bad.png", b"not an image at all", "image/png"))
     assert_error(post_files(server.url, files), 415, "unsupported_image", "images[35]")
     assert post_files(server.url, files[:35]).status_code == 200
+
+
+def test_workers_follow_the_usable_cores_unless_set(tmp_path):
+    from service import config as config_module
+
+    (tmp_path / "cpu.max").write_text("150000 100000\n")  # a 1.5-CPU quota: one whole core
+    assert config_module.cgroup_cpu_limit(tmp_path) == 1.5
+    (tmp_path / "cpu.max").write_text("max 100000\n")
+    assert config_module.cgroup_cpu_limit(tmp_path) is None
+    v1 = tmp_path / "v1"
+    (v1 / "cpu").mkdir(parents=True)
+    (v1 / "cpu" / "cpu.cfs_quota_us").write_text("300000\n")
+    (v1 / "cpu" / "cpu.cfs_period_us").write_text("100000\n")
+    assert config_module.cgroup_cpu_limit(v1) == 3.0
+    assert config_module.cgroup_cpu_limit(tmp_path / "none") is None
+
+    (tmp_path / "cpu.max").write_text("150000 100000\n")
+    assert config_module.available_cores(tmp_path) == 1
+    affinity = len(os.sched_getaffinity(0))
+    assert config_module.available_cores(tmp_path / "none") == affinity
+    assert config_module.workers_from_environment({}) == config_module.available_cores()
+    assert config_module.workers_from_environment({"VISIONSERVE_WORKERS": "1"}) == 1

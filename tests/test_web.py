@@ -119,6 +119,29 @@ def test_classify_a_test_png_names_its_class(page):
     assert len(page.query_selector_all("#classify-result .prediction .top-k li")) == 3
 
 
+def test_similar_training_images_show_under_the_answer_and_a_digit_is_flagged(page):
+    """The nearest training images (POST /similar) under each prediction, and the OOD flag as a visible warning."""
+    import io
+
+    from PIL import Image
+
+    from export.evaluate_ood import digits_upscaled
+
+    buffer = io.BytesIO()  # a handwritten digit, MNIST-like: flagged for all 1,000 measured (benchmarks/results/ood.md)
+    Image.fromarray(digits_upscaled(1, seed=0)[0, 0]).save(buffer, format="PNG")
+    page.select_option("#classify-model", "cnn")
+    page.set_input_files("#classify-file", [sample_path("ankle-boot.png"),
+                                            {"name": "digit.png", "mimeType": "image/png", "buffer": buffer.getvalue()}])
+    page.click("#classify-run")
+    sync_api.expect(page.locator("#classify-result .prediction .similar img")).to_have_count(16)
+    boot, digit = page.query_selector_all("#classify-result .prediction")
+    assert boot.get_attribute("data-ood") == "ok" and not boot.query_selector(".ood-warning")
+    labels = [img.get_attribute("alt") for img in boot.query_selector_all(".similar img")]
+    assert labels.count("Ankle boot") >= 6, labels
+    assert digit.get_attribute("data-ood") == "flagged" and digit.query_selector(".ood-warning").is_visible()
+    assert "Unlike the training images" in digit.inner_text()
+
+
 def test_several_files_give_one_row_each_with_the_chosen_model(page):
     names = list(CLASSIFY_SAMPLES)
     page.select_option("#classify-model", "resnet")

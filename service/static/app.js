@@ -216,15 +216,54 @@ function topKList(predictions) {
   }));
 }
 
+// The OOD flag (POST /classify's `ood`) as a visible warning beside the classes it casts doubt on.
+function oodWarning(ood) {
+  if (!ood || !ood.flag) return "";
+  return element("p", { class: "ood-warning", role: "note" },
+    `Unlike the training images (out-of-distribution score ${ood.score.toFixed(2)} > ${ood.threshold.toFixed(2)}, ` +
+    `${ood.method}): these classes may mean little.`);
+}
+
 function classificationRows(files, predictions) {
   return element("ol", { class: "predictions" }, ...predictions.map((prediction) => {
     const file = files[prediction.image];
-    return element("li", { class: "prediction", "data-top-label": prediction.top_k[0].label },
+    return element("li", { class: "prediction", "data-top-label": prediction.top_k[0].label,
+                           "data-ood": prediction.ood && prediction.ood.flag ? "flagged" : "ok" },
       element("figure", {},
         element("img", { src: previewUrl("classify", file), alt: `input ${file.name}`, class: "thumbnail" }),
         element("figcaption", {}, file.name)),
-      topKList(prediction.top_k));
+      element("div", { class: "answer" }, topKList(prediction.top_k), oodWarning(prediction.ood)));
   }));
+}
+
+// Under each prediction: the nearest training images (POST /similar with the same files and model).
+function similarStrip(result) {
+  return element("div", { class: "similar" },
+    element("span", { class: "similar-title" }, "Nearest training images"),
+    ...result.neighbours.map((neighbour) => element("figure", {},
+      element("img", { src: `data:image/png;base64,${neighbour.thumbnail}`, alt: neighbour.label,
+                       title: `#${neighbour.index} ${neighbour.label}, distance ${neighbour.distance.toFixed(2)}` }),
+      element("figcaption", {}, neighbour.label))));
+}
+
+async function showSimilar(files, model, rows) {
+  // Only a model whose card has a similarity index is asked (GET /models); the others would answer 422 no_index.
+  if (!describedModel(model)?.features?.similarity) {
+    const indexed = (catalogue?.models || []).filter((entry) => entry.features?.similarity).map((entry) => entry.name);
+    rows[0].closest(".result").append(element("p", { class: "similar-note" },
+      `No similar images: ${model} has no similarity index${indexed.length ? ` (${indexed.join(", ")} has one)` : ""}.`));
+    return;
+  }
+  const form = new FormData();
+  for (const file of files) form.append("images", file, file.name);
+  if (model) form.append("model", model);
+  form.append("k", "8");
+  try {
+    const { body } = await callApi("/similar", { method: "POST", body: form });
+    for (const result of body.results) rows[result.image].append(similarStrip(result));
+  } catch (error) {
+    rows[0].closest(".result").append(element("p", { class: "similar-note" }, `No similar images: ${error.message}`));
+  }
 }
 
 async function classify(files) {
@@ -241,8 +280,10 @@ async function classify(files) {
   try {
     const { body, latencyMs } = await callApi("/classify", { method: "POST", body: form });
     forgetPreviews("classify");
-    result.replaceChildren(answerHeader(body.model, body.version, latencyMs), classificationRows(files, body.predictions));
+    const rows = classificationRows(files, body.predictions);
+    result.replaceChildren(answerHeader(body.model, body.version, latencyMs), rows);
     result.removeAttribute("aria-busy");
+    await showSimilar(files, body.model, [...rows.children]);
   } catch (error) {
     showError(result, error);
   }

@@ -28,6 +28,7 @@ from starlette.responses import JSONResponse
 from starlette.routing import Route
 
 from . import classify, explain, features, generate, metrics, segment, v2, web
+from . import reconstruct
 from .config import ServingConfig, access_log_from_environment, workers_from_environment
 from .errors import EXCEPTION_HANDLERS, ApiError
 from .http_front import AdmissionLimit, ControlCharactersInPath, RequestBodyLimit
@@ -121,6 +122,7 @@ def build_front() -> Starlette:
             *features.ROUTES,  # /embed and /similar (service/features.py)
             *segment.ROUTES,
             *generate.ROUTES,
+            *reconstruct.ROUTES,  # /reconstruct: the autoencoder (service/reconstruct.py)
             *v2.ROUTES,
             *web.ROUTES,  # the web page at /, Swagger UI at /docs (service/web.py)
             Route("/models", list_models, methods=["GET"]),
@@ -133,6 +135,7 @@ def build_front() -> Starlette:
             Route("/similar/{rest:path}", unknown_path, methods=any_method),
             Route("/segment/{rest:path}", unknown_path, methods=any_method),
             Route("/generate/{rest:path}", unknown_path, methods=any_method),
+            Route("/reconstruct/{rest:path}", unknown_path, methods=any_method),
             Route("/models/{name}/{rest:path}", unknown_path, methods=any_method),
             Route("/v2/{rest:path}", unknown_path, methods=any_method),
         ],
@@ -207,6 +210,8 @@ class VisionService:
         self.segmentation = TaskModels("segmentation", models, inference, providers)
         self.generation = TaskModels("generation", models, inference, providers)
         self.tasks = [self.classification, self.segmentation, self.generation]
+        self.reconstruction = TaskModels("reconstruction", models, inference, providers)
+        self.tasks.append(self.reconstruction)
         # /similar's indexes, loaded once here and never built at request time (service/similarity.py).
         self.similarity = load_similarity_indexes(self.classification.models.values(),
                                                   threads=inference.intra_op_threads)

@@ -19,7 +19,8 @@ from .request_context import note_model
 logger = logging.getLogger("bentoml.visionserve")
 
 # What each task's graph is asked for on the hot path (the other outputs stay in the graph for other uses).
-SERVED_OUTPUT = {"classification": "probabilities", "segmentation": "mask", "generation": "pixels"}
+SERVED_OUTPUT = {"classification": "probabilities", "segmentation": "mask", "generation": "pixels",
+                 "reconstruction": "reconstruction"}
 
 
 class TaskModels:
@@ -28,7 +29,7 @@ class TaskModels:
         self.task = task
         self.configured_default = inference.default_models.get(task)
         entries = entries_of_task(models, task)
-        if task == "classification":
+        if task in ("classification", "reconstruction"):  # small fixed-size images, batched alike
             warmup_sizes = (1, inference.max_batch_size) if inference.batching else (1, 64)
         elif task == "generation":
             warmup_sizes = (1, 16, 64)  # a request's n is its batch
@@ -52,7 +53,8 @@ class TaskModels:
                 for entry in entries if entry.available
             }
             return
-        max_batch, max_queued = ((inference.max_batch_size, inference.max_queued_images) if task == "classification"
+        max_batch, max_queued = ((inference.max_batch_size, inference.max_queued_images)
+                                 if task in ("classification", "reconstruction")
                                  else (inference.segment_max_batch_size, inference.segment_max_queued_images))
         self.runners = {
             entry.name: (

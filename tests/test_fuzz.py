@@ -16,7 +16,7 @@ import pytest
 from starlette.routing import Route
 
 from conftest import EVERY_TASK_LIMITS, REPO
-from service import classify, features, generate, segment, v2
+from service import classify, explain, features, generate, segment
 
 pytestmark = pytest.mark.server
 # Cases asked of the fuzzing phase; the examples and the stateful phase add theirs (about 220 in all).
@@ -27,8 +27,8 @@ def test_every_route_of_ours_is_documented(every_task_server):
     document = httpx.get(every_task_server.url + "/openapi.json", timeout=10).json()
     assert document["openapi"].startswith("3.1")
     documented = {(method.upper(), path) for path, methods in document["paths"].items() for method in methods}
-    ours = {(method, route.path) for route in [*classify.ROUTES, *features.ROUTES, *segment.ROUTES,
-                                                 *generate.ROUTES, *v2.ROUTES]
+    ours = {(method, route.path) for route in [*classify.ROUTES, *explain.ROUTES, *features.ROUTES, *segment.ROUTES,
+                                                 *generate.ROUTES]
             for method in route.methods - {"HEAD"} if isinstance(route, Route)}
     ours |= {("GET", "/models"), ("GET", "/models/{name}"), ("GET", "/openapi.json")}
     assert documented == ours

@@ -14,7 +14,7 @@ IMAGE   ?= visionserve:$(VERSION)
 GPU     ?=
 
 .PHONY: help install data test serve bento image gpu-check gpu-wheels evaluate index bench-serve bench-classifiers int8 bench-train performance loadtest fuzz models-present browser screenshots clean \
-	overload soak faults
+	overload soak faults embedding-map ood-autoencoder
 .DEFAULT_GOAL := help
 
 help:
@@ -153,6 +153,15 @@ int8: install data models-present
 # Raw onnxruntime ms per image of every released classifier beside its accuracy; benchmarks/results/classifier_cost.*
 bench-classifiers: install data models-present
 	$(BIN)/python benchmarks/classifier_cost.py --out benchmarks/results
+
+# PCA and t-SNE maps of every released classifier's test embeddings and k-means (k=10) ARI/NMI beside raw pixels,
+# the autoencoder's bottleneck and the 8x8 digits' MLP; benchmarks/results/embedding_map/ (a few minutes)
+embedding-map: install data models-present
+	$(BIN)/python -m benchmarks.embedding_map
+
+# Reconstruction error of the released autoencoder as an OOD score, AUROC per set; benchmarks/results/ood_autoencoder.*
+ood-autoencoder: install data models-present
+	$(BIN)/python -m benchmarks.ood_autoencoder
 
 # Training-step medians per architecture, both memory formats alternating in one run; benchmarks/results/train_step.*
 bench-train: install

@@ -13,7 +13,7 @@ IMAGE   ?= visionserve:$(VERSION)
 # deploy/requirements-gpu.txt) go into the venv, so a machine with only an NVIDIA driver runs the CUDA provider.
 GPU     ?=
 
-.PHONY: help install data test serve bento image gpu-check gpu-wheels evaluate index bench-serve bench-classifiers int8 bench-train performance loadtest fuzz models-present browser screenshots clean \
+.PHONY: help install data test serve bento image gpu-check gpu-wheels evaluate index bench-serve bench-peers bench-classifiers int8 bench-train performance loadtest fuzz models-present browser screenshots clean \
 	overload soak faults embedding-map ood-autoencoder
 .DEFAULT_GOAL := help
 
@@ -28,6 +28,8 @@ help:
 	@echo "make index      /similar's index of the released CNN: models/cnn/similarity.faiss (export/index.py)"
 	@echo "make evaluate   evaluate the released models with onnxruntime on the full test split"
 	@echo "make bench-serve  raw onnxruntime vs served throughput and latency"
+	@echo "make bench-peers  visionserve vs FastAPI, LitServe, BentoML batchable, HTTP floor: benchmarks/results/peers.md"
+	@echo "                PEERS_ARGS=\"--duration 15 --rounds 1\" for a short run"
 	@echo "make int8        INT8 (QDQ) variants measured against fp32; released only if they pass (benchmarks/results/int8.md)"
 	@echo "make bench-classifiers  raw onnxruntime ms per image of every classifier beside its accuracy"
 	@echo "make bench-train  training-step time of each architecture, NCHW vs channels_last"
@@ -145,6 +147,20 @@ print-%:
 # Raw onnxruntime vs served, one run; writes benchmarks/results/serve.{json,md}.
 bench-serve: install data models-present
 	$(BIN)/python benchmarks/bench_serve.py --out benchmarks/results
+
+# visionserve as shipped against the servers users would pick instead (benchmarks/peers.py), same CNN, same Locust
+# load. The peers live in their own venv, .venv-peers (pyproject's `peers` extra + the service's onnxruntime, numpy
+# and pillow pins): LitServe's uvicorn[standard] would put uvloop and httptools into .venv and change visionserve.
+PEERS_VENV := .venv-peers
+PEERS_ARGS ?=
+$(PEERS_VENV)/.installed: pyproject.toml $(INSTALLED)
+	test -x $(PEERS_VENV)/bin/python || $(PYTHON) -m venv $(PEERS_VENV)
+	$(BIN)/python benchmarks/peers.py --requirements > $(PEERS_VENV)/requirements.txt
+	$(PEERS_VENV)/bin/python -m pip install -q -r $(PEERS_VENV)/requirements.txt
+	touch $@
+
+bench-peers: install data models-present $(PEERS_VENV)/.installed
+	$(BIN)/python benchmarks/peers.py --out benchmarks/results $(PEERS_ARGS)
 
 # INT8 variants of the CNN and the ResNet student, released only if they keep accuracy and gain speed (issue 22)
 int8: install data models-present

@@ -32,6 +32,7 @@ import csv
 import json
 import os
 import platform
+import shlex
 import statistics
 import subprocess
 import sys
@@ -285,7 +286,7 @@ def main(args: argparse.Namespace) -> dict:
                    "python": interpreters[peer]} for peer in args.peers}
     if "fastapi-asyncio" in rows:  # told on its command line, whatever the venv holds
         rows["fastapi-asyncio"].update(loop="asyncio", http="h11")
-    results = {"command": " ".join(["benchmarks/peers.py", *sys.argv[1:]]), "label": args.label,
+    results = {"command": shlex.join(["benchmarks/peers.py", *sys.argv[1:]]), "label": args.label,
                "started": datetime.now(timezone.utc).strftime("%Y-%m-%d %H:%M UTC"),
                "machine": {"processor": processor_name(), "cpus": os.cpu_count(), "platform": platform.platform(),
                            "load_average_start": load_average(), "commit": git_commit()},

@@ -253,6 +253,8 @@ MALFORMED = {
     "datatype not taken": infer_body({"inputs": [{**PIXELS, "datatype": "FP32", "data": [0.0] * 784}]}),
     "unknown datatype": infer_body({"inputs": [{**PIXELS, "datatype": "COMPLEX", "data": [0] * 784}]}),
     "value out of range": infer_body({"inputs": [{**PIXELS, "data": [256] * 784}]}),
+    "a boolean in UINT8 data": infer_body({"inputs": [{**PIXELS, "data": [True] + [0] * 783}]}),
+    "a float in UINT8 data": infer_body({"inputs": [{**PIXELS, "data": [[0.5] + [0] * 783]}]}),
     "missing input": infer_body({"inputs": [{"name": "other", "shape": [1], "datatype": "UINT8", "data": [0]}]}),
     "input twice": infer_body({"inputs": [{**PIXELS, "data": [0] * 784}] * 2}),
     "unknown output": infer_body({"inputs": [{**PIXELS, "data": [0] * 784}], "outputs": [{"name": "nope"}]}),

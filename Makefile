@@ -13,7 +13,7 @@ IMAGE   ?= visionserve:$(VERSION)
 # deploy/requirements-gpu.txt) go into the venv, so a machine with only an NVIDIA driver runs the CUDA provider.
 GPU     ?=
 
-.PHONY: help install data test serve bento image gpu-check gpu-wheels evaluate index bench-serve bench-peers bench-classifiers int8 bench-train performance loadtest fuzz models-present browser screenshots clean \
+.PHONY: help install data test serve bento image gpu-check gpu-wheels evaluate index bench-serve bench-peers bench-classifiers bench-explain int8 bench-train performance loadtest fuzz models-present browser screenshots clean \
 	overload soak faults embedding-map ood-autoencoder
 .DEFAULT_GOAL := help
 
@@ -32,6 +32,7 @@ help:
 	@echo "                PEERS_ARGS=\"--duration 15 --rounds 1\" for a short run"
 	@echo "make int8        INT8 (QDQ) variants measured against fp32; released only if they pass (benchmarks/results/int8.md)"
 	@echo "make bench-classifiers  raw onnxruntime ms per image of every classifier beside its accuracy"
+	@echo "make bench-explain  faithfulness (deletion AUC) and cost of /explain's methods per classifier"
 	@echo "make bench-train  training-step time of each architecture, NCHW vs channels_last"
 	@echo "make performance  bench-serve, then Locust per endpoint at 4-96 users: docs/PERFORMANCE.md (~15 min)"
 	@echo "make loadtest   Locust load test against objectives (serves first if nothing answers); reports/loadtest/"
@@ -178,6 +179,10 @@ embedding-map: install data models-present
 # Reconstruction error of the released autoencoder as an OOD score, AUROC per set; benchmarks/results/ood_autoencoder.*
 ood-autoencoder: install data models-present
 	$(BIN)/python -m benchmarks.ood_autoencoder
+
+# Deletion AUC (saliency vs random vs brightest-first) and cost of /explain's methods per classifier; benchmarks/results/explain.*
+bench-explain: install data models-present
+	nice -n 10 $(BIN)/python -m benchmarks.explain
 
 # Training-step medians per architecture, both memory formats alternating in one run; benchmarks/results/train_step.*
 bench-train: install

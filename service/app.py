@@ -29,7 +29,7 @@ from starlette.routing import Route
 
 from . import classify, explain, features, generate, metrics, segment, v2, web
 from . import reconstruct
-from .config import ServingConfig, access_log_from_environment, workers_from_environment
+from .config import ServingConfig, access_log_from_environment, tracing_from_environment, workers_from_environment
 from .errors import EXCEPTION_HANDLERS, ApiError
 from .http_front import AdmissionLimit, ControlCharactersInPath, RequestBodyLimit
 from .images import configure_pillow_limits
@@ -193,6 +193,8 @@ def model_provider_gauge() -> bentoml.metrics.Gauge:
     http={"host": "127.0.0.1"},
     # One log line per request costs about as much CPU as a small model call: off unless asked for.
     logging={"access": {"enabled": access_log_from_environment()}},
+    # BentoML's OpenTelemetry middleware, on every request: off unless VISIONSERVE_TRACING=on (service/config.py).
+    tracing=tracing_from_environment(),
 )
 @bentoml.asgi_app(build_front(), path="/")
 class VisionService:

@@ -67,6 +67,18 @@ def access_log_from_environment(environ: Mapping[str, str] = os.environ) -> bool
     return value == "on"
 
 
+def tracing_from_environment(environ: Mapping[str, str] = os.environ) -> dict:
+    """VISIONSERVE_TRACING (off or on), fixed at class declaration: BentoML's OpenTelemetry middleware runs on
+    every request even with no exporter configured, and was the largest single cost of a one-image /classify in
+    the profile (benchmarks/results/profile.md). Off: every URL is excluded from it, so it passes requests straight
+    through (no spans, no trace ids in BentoML's log lines; X-Request-ID still names each request). On: BentoML's
+    tracing as configured (exporter, sample rate: BentoML's documentation)."""
+    value = environ.get(ENV_PREFIX + "TRACING", "off").lower()
+    if value not in ("on", "off"):
+        raise ValueError(f"{ENV_PREFIX}TRACING={value}: choose on or off")
+    return {} if value == "on" else {"excluded_urls": [".*"]}
+
+
 def api_key_from_environment(environ: Mapping[str, str] = os.environ) -> str | None:
     """VISIONSERVE_API_KEY: when set (and not empty), every route but the probes needs it (service/security.py)."""
     key = environ.get(ENV_PREFIX + "API_KEY", "").strip()

@@ -295,3 +295,12 @@ def test_workers_follow_the_usable_cores_unless_set(tmp_path):
     assert config_module.available_cores(tmp_path / "none") == affinity
     assert config_module.workers_from_environment({}) == config_module.available_cores()
     assert config_module.workers_from_environment({"VISIONSERVE_WORKERS": "1"}) == 1
+
+
+def test_tracing_is_off_unless_asked_for():
+    from service.config import tracing_from_environment
+
+    assert tracing_from_environment({}) == {"excluded_urls": [".*"]}  # BentoML's middleware passes every URL through
+    assert tracing_from_environment({"VISIONSERVE_TRACING": "on"}) == {}
+    with pytest.raises(ValueError, match="TRACING"):
+        tracing_from_environment({"VISIONSERVE_TRACING": "sometimes"})

@@ -28,6 +28,8 @@ from __future__ import annotations
 
 import argparse
 import json
+import shlex
+import sys
 import time
 from pathlib import Path
 
@@ -217,7 +219,7 @@ def evaluate_model(model_dir: Path, train, test, sets: dict[str, np.ndarray]) ->
     return results, fitted
 
 
-def ship(model_dir: Path, fitted: dict, results: dict) -> dict:
+def ship(model_dir: Path, fitted: dict, results: dict, command: str) -> dict:
     path = model_dir / OOD_FILE
     np.savez(path, references=fitted["references"].astype(np.float16), scales=np.array(fitted["scales"], np.float64),
              threshold=np.float64(fitted["threshold"]))
@@ -238,7 +240,7 @@ def ship(model_dir: Path, fitted: dict, results: dict) -> dict:
         "auroc": {name: measured["knn_cos_l2"]["auroc"] for name, measured in results["sets"].items()},
         "fpr_at_95_tpr": {name: measured["knn_cos_l2"]["fpr_at_95_tpr"] for name, measured in results["sets"].items()},
         "lowest_auroc": {"set": worst[0], "auroc": worst[1]["knn_cos_l2"]["auroc"]},
-        "command": "python -m export.evaluate_ood --models models/cnn models/mlp --ship models/cnn models/mlp",
+        "command": command,
     }
     card_path.write_text(json.dumps(card, indent=2) + "\n")
     return card["features"]["ood"]
@@ -246,7 +248,8 @@ def ship(model_dir: Path, fitted: dict, results: dict) -> dict:
 
 def markdown(all_results: list[dict]) -> str:
     lines = ["# Out-of-distribution scores", "",
-             "Measured by `python -m export.evaluate_ood --models models/cnn models/mlp` (export/evaluate_ood.py says "
+             "Measured by `python -m export.evaluate_ood --models models/cnn models/mlp models/resnet-student` "
+             "(export/evaluate_ood.py says "
              "how each set and method is made). AUROC with the OOD set as positives; FPR95 = share of the OOD set "
              "that passes a threshold 95% of the 10,000 in-distribution test images pass (lower is better).", ""]
     for results in all_results:
@@ -261,7 +264,7 @@ def markdown(all_results: list[dict]) -> str:
         lines += ["", "Test images passing the threshold fitted on validation (goal 0.95): " + ", ".join(
             f"{m} {rate:.4f}" for m, rate in results["test_pass_rate_at_validation_threshold"].items()) + ".",
             "Cost per call (median ms, one thread, same run; on a shared machine these in-process times vary several-"
-            "fold between runs, so the served cost is measured by benchmarks/ood_cost.py, ood_cost.md): model {cost['model_batch_1']} (batch 1) / "
+            f"fold between runs, so the served cost is measured by benchmarks/ood_cost.py, ood_cost.md): model {cost['model_batch_1']} (batch 1) / "
             f"{cost['model_batch_64']} (batch 64); mahalanobis {cost['mahalanobis_batch_1']} / "
             f"{cost['mahalanobis_batch_64']}; knn {cost['knn_batch_1']} / {cost['knn_batch_64']}; knn_cosine "
             f"{cost['knn_cosine_batch_1']} / {cost['knn_cosine_batch_64']}; knn_cos_l2 (shipped) "
@@ -276,6 +279,7 @@ def main(argv: list[str] | None = None) -> list[dict]:
     p.add_argument("--out", type=Path, default=Path("benchmarks/results"))
     p.add_argument("--seed", type=int, default=0)
     args = p.parse_args(argv)
+    command = "python -m export.evaluate_ood " + shlex.join(sys.argv[1:] if argv is None else argv)
     import faiss
 
     faiss.omp_set_num_threads(1)
@@ -285,7 +289,7 @@ def main(argv: list[str] | None = None) -> list[dict]:
     for model_dir in args.models:
         results, fitted = evaluate_model(model_dir, train, test, sets)
         if model_dir in args.ship:
-            results["shipped"] = ship(model_dir, fitted, results)
+            results["shipped"] = ship(model_dir, fitted, results, command)
         print(json.dumps({k: v for k, v in results.items() if k != "shipped"}), flush=True)
         all_results.append(results)
     args.out.mkdir(parents=True, exist_ok=True)

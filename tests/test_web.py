@@ -130,7 +130,8 @@ def test_similar_training_images_show_under_the_answer_and_a_digit_is_flagged(pa
     buffer = io.BytesIO()  # a handwritten digit, MNIST-like: flagged for all 1,000 measured (benchmarks/results/ood.md)
     Image.fromarray(digits_upscaled(1, seed=0)[0, 0]).save(buffer, format="PNG")
     page.select_option("#classify-model", "cnn")
-    page.set_input_files("#classify-file", [sample_path("ankle-boot.png"),
+    boot_png = Path(sample_path("ankle-boot.png")).read_bytes()  # Playwright takes paths or buffers, not both
+    page.set_input_files("#classify-file", [{"name": "ankle-boot.png", "mimeType": "image/png", "buffer": boot_png},
                                             {"name": "digit.png", "mimeType": "image/png", "buffer": buffer.getvalue()}])
     page.click("#classify-run")
     sync_api.expect(page.locator("#classify-result .prediction .similar img")).to_have_count(16)

@@ -77,17 +77,20 @@ def test_model_metadata_and_ready(client, name):
 
 @pytest.mark.parametrize("binary", [True, False])
 def test_classifier_top1_equals_onnxruntime(client, fashion_test_images, binary):
-    pixels = np.ascontiguousarray(fashion_test_images[0][:256])
     # Binary asks for both outputs; JSON for the probabilities (a 256 x 512 embedding in JSON is slow to no end).
     names = ["probabilities", "embedding"] if binary else ["probabilities"]
     for name in of_task("classification"):
+        # The ResNet ensemble (40 ResNet-20 passes per image) is checked on 256 images in binary, 64 in JSON: the
+        # JSON path is the same for every model, and 192 more ensemble images cost ~13 s of CI on 2 cores.
+        count = 64 if name == "resnet" and not binary else 256
+        pixels = np.ascontiguousarray(fashion_test_images[0][:count])
         tensor = tritonclient_http.InferInput("pixels", list(pixels.shape), "UINT8")
         tensor.set_data_from_numpy(pixels, binary_data=binary)
         result = client.infer(name, [tensor], outputs=[
             tritonclient_http.InferRequestedOutput(output, binary_data=binary) for output in names], request_id="r1")
-        expected = classifier_reference(name, 256)
+        expected = {key: value[:count] for key, value in classifier_reference(name, 256).items()}
         probabilities = result.as_numpy("probabilities")
-        assert probabilities.shape == (256, 10) and result.get_response()["id"] == "r1"
+        assert probabilities.shape == (count, 10) and result.get_response()["id"] == "r1"
         assert [output["name"] for output in result.get_response()["outputs"]] == names
         assert (probabilities.argmax(1) == expected["probabilities"].argmax(1)).all()
         # The server's batch may be cut differently from this one call: equal up to float rounding.

@@ -25,7 +25,6 @@ from . import v2
 from .explain import ExplainJsonRequest, ExplainParams
 from .segment import SegmentJsonRequest, SegmentParams
 from .reconstruct import ERROR_HEADER, Base64ReconstructRequest, ReconstructParams
-from .reconstruct import ERROR_HEADER, Base64ReconstructRequest, ReconstructParams
 
 OPENAPI_VERSION = "3.1.0"
 REF_TEMPLATE = "#/components/schemas/{model}"
@@ -258,26 +257,6 @@ class ReconstructionAnswer(BaseModel):
 SCHEMA_MODELS = SCHEMA_MODELS + (ReconstructionAnswer, Base64ReconstructRequest)
 
 
-class Reconstruction(BaseModel):
-    model_config = ConfigDict(extra="forbid")
-    image: int = Field(..., ge=0, description="position of the image in the request")
-    error: float = Field(..., ge=0, description="mean squared difference per pixel, pixels in [0, 1]: larger for "
-                                                "images unlike the training set")
-    reconstruction_png: str = Field(..., description="the reconstruction at the model's input size, base64 PNG")
-    inverted: bool | None = Field(None, description="whether the image was inverted (absent for tensors)")
-
-
-class ReconstructionAnswer(BaseModel):
-    model_config = ConfigDict(extra="forbid", protected_namespaces=())
-    model: str
-    version: str | None
-    error_definition: str
-    reconstructions: list[Reconstruction]
-
-
-SCHEMA_MODELS = SCHEMA_MODELS + (ReconstructionAnswer, Base64ReconstructRequest)
-
-
 # --- building blocks ----------------------------------------------------------------------------------
 
 def ref(model: type[BaseModel]) -> dict:
@@ -410,33 +389,6 @@ def example_png() -> str:
 
 
 NPY_CONTENT = {"application/x-npy": {"schema": {"type": "string", "format": "binary"}}}
-
-
-def reconstruct_paths(autoencoder: str | None, png: str, image_errors: dict, errors) -> dict:
-    """/reconstruct in the three input forms of /classify (service/reconstruct.py)."""
-    answer = {"description": f"format=auto with one image, or format=png: the reconstruction as a PNG, its error in "
-                             f"{ERROR_HEADER} (and X-Model); otherwise JSON, one reconstruction per image",
-              "content": {**PNG_CONTENT, **json_content(ref(ReconstructionAnswer))}}
-    example_model = {"model": autoencoder} if autoencoder else {}
-    return {
-        "/reconstruct": {"post": {
-            "summary": "Reconstruct uploaded image files with the autoencoder, and score each by its error",
-            "operationId": "reconstruct", "parameters": query_parameters(ReconstructParams, autoencoder),
-            "requestBody": {"required": True, "content": {"multipart/form-data": {
-                "schema": multipart_body("images", ReconstructParams, many=True)}}},
-            "responses": {"200": answer, **image_errors}}},
-        "/reconstruct/json": {"post": {
-            "summary": "Reconstruct base64 image files sent in JSON", "operationId": "reconstruct_json",
-            "requestBody": {"required": True, "content": {"application/json": {
-                "schema": ref(Base64ReconstructRequest), "example": {"images": [png], **example_model}}}},
-            "responses": {"200": answer, **image_errors}}},
-        "/reconstruct/tensor": {"post": {
-            "summary": "Reconstruct a uint8 .npy batch [N,H,W] or [N,C,H,W] of model-ready pixels",
-            "operationId": "reconstruct_tensor", "parameters": query_parameters(ReconstructParams, autoencoder),
-            "requestBody": {"required": True, "content": {"application/octet-stream": {
-                "schema": {"type": "string", "format": "binary"}}}},
-            "responses": {"200": answer, **errors("401", "404", "413", "422", "503")}}},
-    }
 
 
 def reconstruct_paths(autoencoder: str | None, png: str, image_errors: dict, errors) -> dict:
@@ -601,11 +553,9 @@ def build_openapi(limits: RequestLimits, default_models: dict[str, str | None], 
                           **errors("401")},
         }},
     }
+    if default_models.get("reconstruction"):  # served where an autoencoder is (models/autoencoder/)
+        paths.update(reconstruct_paths(default_models["reconstruction"], png, classify_errors, errors))
     paths.update(v2.openapi_paths(classifier, auth))  # the Open Inference Protocol's routes, its error shape
-    if default_models.get("reconstruction"):  # served where an autoencoder is (models/autoencoder/)
-        paths.update(reconstruct_paths(default_models["reconstruction"], png, classify_errors, errors))
-    if default_models.get("reconstruction"):  # served where an autoencoder is (models/autoencoder/)
-        paths.update(reconstruct_paths(default_models["reconstruction"], png, classify_errors, errors))
     add_request_id_header(paths)
     document = {
         "openapi": OPENAPI_VERSION,

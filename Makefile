@@ -13,7 +13,7 @@ IMAGE   ?= visionserve:$(VERSION)
 # deploy/requirements-gpu.txt) go into the venv, so a machine with only an NVIDIA driver runs the CUDA provider.
 GPU     ?=
 
-.PHONY: help install data test serve bento image gpu-check gpu-wheels evaluate index bench-serve bench-peers bench-classifiers bench-explain int8 bench-train performance loadtest fuzz models-present browser screenshots clean \
+.PHONY: help install data test serve bento image gpu-check gpu-wheels evaluate index ood bench-serve bench-peers bench-classifiers bench-explain int8 bench-train performance loadtest fuzz models-present browser screenshots clean \
 	overload soak faults embedding-map ood-autoencoder
 .DEFAULT_GOAL := help
 
@@ -25,7 +25,8 @@ help:
 	@echo "make image      the bento as a container image $(IMAGE) (docker or podman; GPU=1: $(IMAGE)-gpu)"
 	@echo "make gpu-check  raw onnxruntime-CUDA vs served on a GPU machine: benchmarks/results/gpu.md (skips without CUDA)"
 	@echo "                GPU=1 on serve/test/gpu-check installs the CUDA 13 + cuDNN 9 wheels onnxruntime-gpu wants"
-	@echo "make index      /similar's index of the released CNN: models/cnn/similarity.faiss (export/index.py)"
+	@echo "make index      /similar's indexes (cnn, resnet-student): models/<name>/similarity.faiss (export/index.py)"
+	@echo "make ood        OOD methods measured (benchmarks/results/ood.md) and each classifier's ood.npz shipped"
 	@echo "make evaluate   evaluate the released models with onnxruntime on the full test split"
 	@echo "make bench-serve  raw onnxruntime vs served throughput and latency"
 	@echo "make bench-peers  visionserve vs FastAPI, LitServe, BentoML batchable, HTTP floor: benchmarks/results/peers.md"
@@ -107,6 +108,13 @@ evaluate: install data
 # models/<name>/similarity.faiss, its sha256 and recall in the card; the service loads it at start-up.
 index: install data models-present
 	$(BIN)/python -m export.index --model models/cnn
+	$(BIN)/python -m export.index --model models/resnet-student
+
+# Each /classify answer's `ood`: the methods measured against five OOD sets (benchmarks/results/ood.md) and the
+# shipped statistics written to models/<name>/ood.npz with their sha256 in the card (export/evaluate_ood.py).
+ood: install data models-present
+	$(BIN)/python -m export.evaluate_ood --models models/cnn models/mlp models/resnet-student \
+		--ship models/cnn models/mlp models/resnet-student
 
 # Released models come from training + export, never from a download: say what to run when they are missing.
 models-present:

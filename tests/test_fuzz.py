@@ -16,7 +16,7 @@ import pytest
 from starlette.routing import Route
 
 from conftest import EVERY_TASK_LIMITS, REPO
-from service import classify, explain, features, generate, segment, v2
+from service import classify, explain, features, generate, reconstruct, segment, v2
 
 pytestmark = pytest.mark.server
 # Cases asked of the fuzzing phase; the examples and the stateful phase add theirs (about 220 in all).
@@ -28,7 +28,7 @@ def test_every_route_of_ours_is_documented(every_task_server):
     assert document["openapi"].startswith("3.1")
     documented = {(method.upper(), path) for path, methods in document["paths"].items() for method in methods}
     ours = {(method, route.path) for route in [*classify.ROUTES, *explain.ROUTES, *features.ROUTES, *segment.ROUTES,
-                                                 *generate.ROUTES, *v2.ROUTES]
+                                                 *generate.ROUTES, *reconstruct.ROUTES, *v2.ROUTES]
             for method in route.methods - {"HEAD"} if isinstance(route, Route)}
     ours |= {("GET", "/models"), ("GET", "/models/{name}"), ("GET", "/openapi.json")}
     assert documented == ours

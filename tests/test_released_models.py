@@ -43,7 +43,8 @@ def released(task: str) -> list[str]:
 
 
 def test_every_task_is_released():
-    assert released("segmentation") and released("generation"), "every task the product offers is served out of the box"
+    assert released("segmentation") and released("generation") and released("reconstruction"), \
+        "every task the product offers is served out of the box"
 
 
 @pytest.mark.parametrize("name", released("segmentation"))
@@ -89,3 +90,33 @@ def test_released_generator_is_above_its_floor_and_its_card_is_true(name):
     assert result["class_consistency"] == pytest.approx(metrics["check"]["class_consistency"], abs=1e-9)
     assert metrics["class_consistency"] >= 0.95 and card["release"]["above_floors"]
     assert card["release"]["summary"].startswith("class consistency ")
+
+
+@pytest.mark.parametrize("name", released("reconstruction"))
+def test_released_autoencoder_is_above_its_floor_and_its_card_is_true(name):
+    """The card's test reconstruction error per class and its floor (the mean-image baseline), re-measured by
+    onnxruntime over all 10,000 test images."""
+    import numpy as np
+
+    from export.autoencoder import mean_image_error, targets, test_metrics
+    from export.onnx_io import cpu_session
+    from export.release import release_block
+    from training.data import load_dataset
+
+    model_dir = MODELS / name
+    card = json.loads((model_dir / "card.json").read_text())
+    model_bytes = (model_dir / "model.onnx").read_bytes()
+    assert hashlib.sha256(model_bytes).hexdigest() == card["sha256"]
+    assert (model_dir / "reconstructions.png").is_file() and (model_dir / "curves.png").is_file()
+    assert [o["name"] for o in card["outputs"]] == ["reconstruction", "error", "code"]
+    test, train = load_dataset("fashion-mnist", "test"), load_dataset("fashion-mnist", "train")
+    baseline = mean_image_error(train.images.numpy(), test.images.numpy())
+    metrics = test_metrics(cpu_session(model_bytes), test.images.numpy(), test.labels.numpy(), test.label_names,
+                           baseline)
+    assert metrics["images"] == 10_000
+    for key in ("test_mse", "mean_image_baseline_mse"):
+        assert metrics[key] == pytest.approx(card["metrics"][key], rel=1e-5), key
+    for label, value in card["metrics"]["per_class_test_mse"].items():
+        assert metrics["per_class_test_mse"][label] == pytest.approx(value, rel=1e-5), label
+    assert np.isfinite(metrics["test_mse"]) and metrics["test_mse"] < baseline  # above its floor
+    assert card["release"]["above_floors"] and release_block(targets(baseline), metrics)["above_floors"]

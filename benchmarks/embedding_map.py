@@ -172,6 +172,10 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--tsne-iterations", type=int, default=1000, help="t-SNE optimisation steps (>= 250)")
     p.add_argument("--data-dir", help="MNIST-format folder instead of the default Fashion-MNIST")
     p.add_argument("--out", default=str(OUT))
+    p.add_argument("--only", nargs="+", choices=["classifiers", "raw", "autoencoder", "digits"],
+                   help="compute only these representations (default: all)")
+    p.add_argument("--append", action="store_true",
+                   help="keep OUT/embedding_map.json's other rows, replacing those computed now (same sample and seed)")
     return p.parse_args(argv)
 
 
@@ -185,21 +189,37 @@ def main(args: argparse.Namespace) -> dict:
     pixels, labels, names = test.images.numpy()[rows_index], test.labels.numpy()[rows_index], test.label_names
     dataset = "Fashion-MNIST test"
     rows = []
-    classifiers = released(models_dir, "classification")
+    only = set(args.only or ["classifiers", "raw", "autoencoder", "digits"])
+    classifiers = released(models_dir, "classification") if "classifiers" in only else []
     if args.models:
         classifiers = [d for d in classifiers if d.name in args.models]
     for model_dir in classifiers:
         rows.append(analyse(f"{model_dir.name}-embedding", onnx_output(model_dir, "embedding", pixels), labels, names,
                             out, dataset, args.tsne_iterations))
-    rows.append(analyse("raw-pixels", pixels.reshape(len(pixels), -1).astype(np.float32) / 255.0, labels, names, out,
-                        dataset, args.tsne_iterations))
-    for model_dir in released(models_dir, "reconstruction"):
+    if "raw" in only:
+        rows.append(analyse("raw-pixels", pixels.reshape(len(pixels), -1).astype(np.float32) / 255.0, labels, names,
+                            out, dataset, args.tsne_iterations))
+    for model_dir in (released(models_dir, "reconstruction") if "autoencoder" in only else []):
         rows.append(analyse(f"{model_dir.name}-bottleneck", onnx_output(model_dir, "code", pixels), labels, names,
                             out, dataset, args.tsne_iterations))
-    rows.extend(digits_rows(out, args.digits_epochs, args.sample, args.tsne_iterations))
+    if "digits" in only:
+        rows.extend(digits_rows(out, args.digits_epochs, args.sample, args.tsne_iterations))
     command = "python -m benchmarks.embedding_map" + (f" --sample {args.sample}" if args.sample != 3000 else "")
-    result = {"command": command, "seconds": time.perf_counter() - started, "sample": args.sample, "seed": SEED,
-              "rows": rows}
+    if args.only:
+        command += " --only " + " ".join(args.only) + (" --append" if args.append else "")
+    seconds = time.perf_counter() - started
+    commands = [command]
+    previous = out / "embedding_map.json"
+    if args.append and previous.is_file():
+        earlier = json.loads(previous.read_text())
+        if earlier["sample"] != args.sample:
+            raise SystemExit(f"{previous} has a sample of {earlier['sample']}, not {args.sample}: not comparable")
+        now = {row["representation"] for row in rows}
+        rows = [row for row in earlier["rows"] if row["representation"] not in now] + rows
+        commands = earlier.get("commands", [earlier["command"]]) + commands
+        seconds += earlier["seconds"]
+    result = {"command": " && ".join(commands), "commands": commands, "seconds": seconds, "sample": args.sample,
+              "seed": SEED, "rows": rows}
     (out / "embedding_map.json").write_text(json.dumps(result, indent=2) + "\n")
     (out / "embedding_map.md").write_text(markdown(result))
     return result

@@ -222,6 +222,7 @@ class DefaultModels(BaseModel):
     classification: str | None
     segmentation: str | None
     generation: str | None
+    reconstruction: str | None
 
 
 class ModelList(BaseModel):

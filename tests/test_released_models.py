@@ -24,6 +24,12 @@ def test_every_released_classifier_has_a_gate():
     assert set(released) <= set(CLASSIFIER_FLOORS), "a released classifier without a floor"
 
 
+# The ResNet ensemble is 40 ResNet-20 passes per image: all 10,000 test images cost ~210 s of CI on 2 cores (a
+# quarter of the suite). Here it is checked on the first 1,000 (within 4 standard errors of its card, whose release
+# figures are then taken as claimed); `make evaluate` re-measures it exactly on all 10,000.
+SAMPLED_IN_TESTS = {"resnet": 1_000}
+
+
 @pytest.mark.parametrize("name", released_classifiers())
 def test_released_classifier_is_above_its_floor(name):
     model_dir = MODELS / name
@@ -31,8 +37,9 @@ def test_released_classifier_is_above_its_floor(name):
     assert hashlib.sha256((model_dir / "model.onnx").read_bytes()).hexdigest() == card["sha256"]
     assert card["input"]["shape"] == ["N", 1, 28, 28] and card["labels"][0] == "T-shirt/top"
     assert (model_dir / "confusion.png").is_file() and (model_dir / "curves.png").is_file()
-    result = evaluate_classifier(model_dir)  # onnxruntime over all 10,000 Fashion-MNIST test images
-    assert result["images"] == 10_000
+    sample = SAMPLED_IN_TESTS.get(name)
+    result = evaluate_classifier(model_dir, first_images=sample)  # onnxruntime over all 10,000 test images, or
+    assert result["images"] == (sample or 10_000)                  # the first `sample`
     assert result["problems"] == []
     assert result["accuracy"] >= CLASSIFIER_FLOORS[name]
     assert card["release"] == result["release"]  # the card's figure, goal and floor, re-measured

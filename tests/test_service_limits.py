@@ -17,7 +17,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from service.config import InferenceConfig, RequestLimits, ServingConfig
+from service.config import InferenceConfig, RequestLimits, ServingConfig, available_cores
 
 pytestmark = pytest.mark.server
 
@@ -60,7 +60,7 @@ def test_default_limits_are_safe():
     assert limits.max_pixels_per_image == 40_000_000
     assert limits.max_form_field_bytes == 64 * 1024
     inference = InferenceConfig.from_environ({})
-    assert inference.workers == 1 and inference.batching
+    assert inference.workers == available_cores() and inference.batching  # one worker per usable core
     assert inference.max_queued_images >= limits.max_images_per_request
 
 

@@ -6,7 +6,7 @@ released only when the measurement says yes.
 
 For each model: onnxruntime.quantization's pre-processing (shape inference, graph optimisation), then
 `quantize_static` in QDQ format (uint8 activations, int8 per-channel weights) calibrated on `--calibration`
-seeded training-split images (the validation share never enters calibration, the test split only the report).
+seeded training-split images (any of the 60,000; no test image: the test split is only for the report).
 Then, in one run, on the same CPU: accuracy of the fp32 and int8 graphs over the whole test split, and raw
 onnxruntime ms per image at batch 1 and 64, the two graphs alternating round by round (median of `--rounds`).
 
@@ -44,8 +44,7 @@ REPO = Path(__file__).resolve().parent.parent
 
 
 class TrainingImages(CalibrationDataReader):
-    """Batches of seeded training images (the first 54,000: outside the trainers' 10% validation hold-out is not
-    guaranteed by index, so the seed picks among all; calibration sees no test image)."""
+    """Batches of `count` training-split images picked by `seed` (calibration never sees a test image)."""
 
     def __init__(self, images: np.ndarray, count: int, seed: int, batch: int = 64) -> None:
         chosen = np.sort(np.random.default_rng(seed).choice(len(images), count, replace=False))
@@ -77,10 +76,9 @@ def session(model: bytes | str, threads: int) -> ort.InferenceSession:
     return ort.InferenceSession(model, options, providers=["CPUExecutionProvider"])
 
 
-def accuracy(sess: ort.InferenceSession, images: np.ndarray, labels: np.ndarray) -> tuple[float, dict]:
-    predictions = np.concatenate([sess.run(["probabilities"], {"pixels": images[i:i + 500]})[0].argmax(1)
-                                  for i in range(0, len(images), 500)])
-    return float((predictions == labels).mean()), {"predictions": predictions}
+def predictions(sess: ort.InferenceSession, images: np.ndarray) -> np.ndarray:
+    return np.concatenate([sess.run(["probabilities"], {"pixels": images[i:i + 500]})[0].argmax(1)
+                           for i in range(0, len(images), 500)])
 
 
 def ms_per_image(sessions: dict[str, ort.InferenceSession], images: np.ndarray, batch: int, rounds: int) -> dict:
@@ -106,8 +104,8 @@ def measure(name: str, args: argparse.Namespace, train: np.ndarray, test: np.nda
     int8 = quantize(folder / "model.onnx", TrainingImages(train, args.calibration, args.seed), args.reduce_range)
     quantize_s = time.time() - started
     fp32_session, int8_session = session(str(folder / "model.onnx"), args.threads), session(int8, args.threads)
-    fp32_acc, fp32_pred = accuracy(fp32_session, test, labels)
-    int8_acc, int8_pred = accuracy(int8_session, test, labels)
+    fp32_pred, int8_pred = predictions(fp32_session, test), predictions(int8_session, test)
+    fp32_acc, int8_acc = float((fp32_pred == labels).mean()), float((int8_pred == labels).mean())
     speed = {f"batch_{b}": ms_per_image({"fp32": fp32_session, "int8": int8_session}, test, b, args.rounds)
              for b in (1, 64)}
     delta_points = (fp32_acc - int8_acc) * 100
@@ -120,7 +118,7 @@ def measure(name: str, args: argparse.Namespace, train: np.ndarray, test: np.nda
     return {
         "model": name, "int8_name": f"{name}-int8", "source_sha256": card["sha256"],
         "fp32_accuracy": fp32_acc, "int8_accuracy": int8_acc, "delta_points": delta_points,
-        "predictions_changed": int((fp32_pred["predictions"] != int8_pred["predictions"]).sum()),
+        "predictions_changed": int((fp32_pred != int8_pred).sum()), "images": len(labels),
         "ms_per_image": speed, "speedup_batch_1": speed["batch_1"]["fp32"] / speed["batch_1"]["int8"],
         "speedup_batch_64": speedup, "fp32_bytes": (folder / "model.onnx").stat().st_size, "int8_bytes": len(int8),
         "quantize_seconds": quantize_s, "release": not reasons, "not_released_because": reasons,
@@ -158,7 +156,7 @@ def markdown(results: list[dict], args: argparse.Namespace) -> str:
         "# INT8 variants", "",
         f"Measured by `{export_command('export.quantize', args)}` on {platform.processor() or platform.machine()} "
         f"({cpu_name()}), onnxruntime {ort.__version__}, {args.threads} intra-op thread(s); accuracy on all "
-        f"{results[0]['images'] if results else 0:,} test images; ms per image the median of {args.rounds} rounds, "
+        f"{args.test_images:,} test images; ms per image the median of {args.rounds} rounds, "
         "fp32 and int8 alternating. Release rule: delta <= "
         f"{args.max_delta} points and >= {args.min_speedup}x img/s at batch 64.", "",
         "| model | fp32 accuracy | int8 accuracy | accuracy lost (points) | ms/img b1 fp32 / int8 | ms/img b64 fp32 / int8 | "
@@ -177,14 +175,12 @@ def markdown(results: list[dict], args: argparse.Namespace) -> str:
 
 def cpu_name() -> str:
     try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                flags = Path("/proc/cpuinfo").read_text()
-                vnni = "VNNI" if ("avx512_vnni" in flags or "avx_vnni" in flags) else "no VNNI"
-                return f"{line.split(':', 1)[1].strip()}, {vnni}"
+        cpuinfo = Path("/proc/cpuinfo").read_text()
     except OSError:
-        pass
-    return "unknown CPU"
+        return "unknown CPU"
+    name = next((line.split(":", 1)[1].strip() for line in cpuinfo.splitlines() if line.startswith("model name")),
+                "unknown CPU")
+    return f"{name}, {'VNNI' if ('avx512_vnni' in cpuinfo or 'avx_vnni' in cpuinfo) else 'no VNNI'}"
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
@@ -212,7 +208,6 @@ def main(args: argparse.Namespace) -> list[dict]:
     results = []
     for name in args.model:
         result = measure(name, args, train, test, labels)
-        result["images"] = len(labels)
         results.append(result)
         verdict = "released" if result["release"] else "not released: " + "; ".join(result["not_released_because"])
         print(f"{name}: int8 {result['int8_accuracy']:.4f} vs fp32 {result['fp32_accuracy']:.4f}, "

@@ -20,7 +20,7 @@ from PIL import Image
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 from benchmarks.bench_serve import start_server, stop_server  # noqa: E402
-from training.idx import FASHION_MNIST_DIR, find_idx, read_idx  # noqa: E402
+from formats.idx import FASHION_MNIST_DIR, find_idx, read_idx  # noqa: E402
 
 REPO = Path(__file__).resolve().parent.parent
 

@@ -63,7 +63,7 @@ def compose_scene(items: np.ndarray, rng: np.random.Generator) -> np.ndarray:
 def fashion_test_images(count: int, seed: int) -> np.ndarray:
     """`count` seeded Fashion-MNIST test-split images, uint8 [N, 28, 28]."""
     # numpy only (no torch import): a Locust worker builds its payloads while its master waits for heartbeats
-    from training.idx import FASHION_MNIST_DIR, find_idx, read_idx
+    from formats.idx import FASHION_MNIST_DIR, find_idx, read_idx
 
     images = read_idx(find_idx(FASHION_MNIST_DIR, "t10k-images-idx3-ubyte"), expected_ndim=3)
     return images[np.random.default_rng(seed).choice(len(images), count, replace=False)]

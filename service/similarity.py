@@ -14,16 +14,16 @@ the IDX files the index's card section names, in VISIONSERVE_REFERENCE_DIR (defa
 from __future__ import annotations
 
 import base64
-import gzip
 import io
 import logging
 import os
-import struct
 from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
 from PIL import Image
+
+from formats.idx import read_idx
 
 from .onnx_models import ModelToServe, sha256_of_file
 
@@ -82,18 +82,6 @@ def check_feature_files(models: list[ModelToServe], directory: Path | None = Non
         problems += reference_file_problems(model.card, directory)[0]
     if problems:
         raise RuntimeError("refusing to start: " + "; ".join(problems))
-
-
-def read_idx(path: Path) -> np.ndarray:
-    """An IDX file of unsigned bytes (raw or gzipped) -> its array. The service never imports training/."""
-    data = path.read_bytes()
-    if data[:2] == b"\x1f\x8b":
-        data = gzip.decompress(data)
-    zero, type_code, ndim = struct.unpack(">HBB", data[:4])
-    if zero != 0 or type_code != 0x08:
-        raise ValueError(f"{path}: not an IDX file of unsigned bytes")
-    dims = struct.unpack(f">{ndim}I", data[4:4 + 4 * ndim])
-    return np.frombuffer(data, np.uint8, offset=4 + 4 * ndim).reshape(dims)
 
 
 @dataclass

@@ -16,8 +16,8 @@ import numpy as np
 import torch
 
 # The IDX reader needs only numpy (loadtests use it without torch); re-exported here for the trainers and tests.
-from .idx import (FASHION_MNIST_DIR, FASHION_MNIST_LABELS, DataFormatError, find_idx,  # noqa: F401
-                  open_maybe_gzip, read_idx, sha256_file)
+from formats.idx import (FASHION_MNIST_DIR, FASHION_MNIST_LABELS, DataFormatError, find_idx,  # noqa: F401
+                         open_maybe_gzip, read_idx, sha256_file)
 
 CIFAR10_LABELS = [
     "airplane", "automobile", "bird", "cat", "deer",

@@ -1,5 +1,5 @@
 """IDX files (the MNIST format) read with numpy alone: the trainers load them through training/data.py, the
-load tests read test images here without importing torch."""
+service reads /similar's reference images, and the load tests read test images here, none importing torch."""
 
 from __future__ import annotations
 

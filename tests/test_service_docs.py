@@ -77,6 +77,21 @@ def test_python_client_example_runs_as_written(example_dir, server):
     assert lines[-1].startswith("[")
 
 
+def test_every_relative_link_in_the_docs_resolves_inside_the_repository():
+    """README.md and docs/*.md link to files that exist here, never outside the checkout (web addresses and
+    in-page anchors are not followed; links inside fenced code blocks are not links)."""
+    broken = []
+    for doc in [REPO / "README.md", *sorted((REPO / "docs").glob("*.md"))]:
+        prose = re.sub(r"```.*?```", "", doc.read_text(), flags=re.S)
+        for target in re.findall(r"\]\(([^)\s]+)\)", prose):
+            if re.match(r"[a-z][a-z0-9+.-]*:", target) or target.startswith("#"):
+                continue
+            path = (doc.parent / target.split("#", 1)[0]).resolve()
+            if not path.exists() or not path.is_relative_to(REPO):
+                broken.append(f"{doc.relative_to(REPO)}: {target}")
+    assert not broken, broken
+
+
 @pytest.fixture(scope="module")
 def built_bento(tmp_path_factory) -> tuple[Path, dict[str, str]]:
     """As `make bento` does: import models/ into a store of the test's own, then build. One build for the module."""

@@ -7,8 +7,9 @@ contract (uint8 [N,1,H,W] with dynamic N, H and W; outputs `mask` uint8 and `pro
 non-square input gives outputs of its own size, that one scene at a time gives the same answers as a batch,
 and measures per-class IoU, mIoU and pixel accuracy on the 2,000 fixed test scenes (built from test images
 only). It also asks what the issue asks in words: is each placed item labelled with its own class over most
-of its visible pixels, and does background stay background. It shares no code with the exporter's metric
-path (the IoU arithmetic is written again here), so it catches a card that claims more than the graph does.
+of its visible pixels, and does background stay background. Its IoU is not the exporter's arithmetic
+(training.metrics.iou_scores over whole masks, not segmentation_scores over a confusion matrix), so it
+catches a card that claims more than the graph does.
 Writes segmentation_evaluation.json and .md, each figure beside its goal and floor (export/release.py);
 exits 1 only when a check fails or a figure is below its floor (a broken model).
 
@@ -43,7 +44,8 @@ from export.evaluate_generator import verified_session
 from export.onnx_io import run_batched
 from export.release import SEGMENTER_TARGETS, floor_problems, release_block
 from training.data import load_dataset
-from training.scenes import NUM_SCENE_CLASSES, SCENE_LABELS, TEST_SCENE_SEED, TEST_SCENES, fixed_test_scenes, make_scenes
+from training.metrics import iou_scores, item_coverage
+from training.scenes import SCENE_LABELS, TEST_SCENE_SEED, TEST_SCENES, fixed_test_scenes, make_scenes
 
 # Scenes may be measured in other batch sizes than the exporter's, which can flip a pixel or two at a tie.
 CARD_TOLERANCE = 1e-5
@@ -53,56 +55,6 @@ MAX_FILE_BYTES = 100_000_000  # a size every model file stays under; reported, n
 def run_masks(session: ort.InferenceSession, images: np.ndarray, batch_size: int = 50) -> np.ndarray:
     return np.concatenate([session.run(["mask"], {"pixels": images[i:i + batch_size]})[0]
                            for i in range(0, len(images), batch_size)])
-
-
-def iou_scores(truth: np.ndarray, predicted: np.ndarray, num_classes: int) -> tuple[list, float, float]:
-    """Per-class IoU (None where a class is in neither truth nor prediction), their mean, pixel accuracy."""
-    truth, predicted = truth.ravel().astype(np.int64), predicted.ravel().astype(np.int64)
-    ious = []
-    for k in range(num_classes):
-        t, p = truth == k, predicted == k
-        union = np.count_nonzero(t | p)
-        ious.append(np.count_nonzero(t & p) / union if union else None)
-    present = [v for v in ious if v is not None]
-    return ious, float(np.mean(present)), float(np.mean(truth == predicted))
-
-
-def item_coverage(scenes, predicted: np.ndarray) -> dict:
-    """For every placed item with visible pixels: the share of them predicted as the item's own class.
-
-    Also the mIoU of the true outlines painted, item by item, with the garment class predicted most often
-    over the item's visible pixels: how far the masks would get if only their outlines were fixed."""
-    truth = scenes.masks.numpy()
-    shares = []
-    majority = np.zeros_like(truth)
-    for n in range(len(scenes)):
-        instances = scenes.instances[n].numpy()
-        for slot, cls in enumerate(scenes.classes[n].tolist()):
-            visible = instances == slot + 1
-            if cls >= 0 and visible.any():
-                shares.append(float(np.mean(predicted[n][visible] == cls + 1)))
-                garment = predicted[n][visible]
-                garment = garment[garment > 0]
-                majority[n][visible] = np.bincount(garment).argmax() if len(garment) else 0
-    shares = np.asarray(shares)
-    background = truth == 0
-    # Garment against background whatever the class: the outlines alone, apart from telling garments apart.
-    foreground_iou = np.count_nonzero(~background & (predicted > 0)) / np.count_nonzero(~background | (predicted > 0))
-    # Each garment class's pixels split the same way: the share predicted as some garment (its outline
-    # found) and, of those, the share given its own class (named): which classes lose pixels to the
-    # background and which to another garment.
-    split = {}
-    for k in range(1, NUM_SCENE_CLASSES):
-        pixels = predicted[truth == k]
-        found = pixels[pixels > 0]
-        if len(pixels):
-            split[SCENE_LABELS[k]] = {"found": len(found) / len(pixels),
-                                      "named": float(np.mean(found == k)) if len(found) else 0.0}
-    return {"items": int(len(shares)), "mean_own_class_share": float(shares.mean()),
-            "per_class_found_and_named": split,
-            "items_mostly_right": float(np.mean(shares > 0.5)),
-            "background_kept": float(np.mean(predicted[background] == 0)), "foreground_iou": float(foreground_iou),
-            "majority_class_true_outline_miou": iou_scores(truth, majority, NUM_SCENE_CLASSES)[1]}
 
 
 def instance_labels(scenes, item_classes: np.ndarray) -> np.ndarray:

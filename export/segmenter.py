@@ -24,15 +24,15 @@ import torch
 from torch import nn
 
 from export.classifier import TTA_DESCRIPTIONS
-from export.evaluate_segmenter import item_coverage
 from export.onnx_io import (ParityError, cpu_session, export_command, export_to_bytes, opset_of, runtime_versions,
                             sha256_bytes, with_command, write_model)
 from export.release import SEGMENTER_TARGETS, floor_problems, release_block
 from training.data import load_dataset
+from training.metrics import item_coverage, pixel_confusion, segmentation_scores
 from training.models import build_segmenter, count_parameters
 from training.plots import MASK_PALETTE, plot_class_iou, plot_scenes, plot_segmentation_curves
 from training.scenes import TEST_SCENE_SEED, TEST_SCENES, fixed_test_scenes, make_scenes
-from training.train_segnet import command_for, pixel_confusion, segmentation_scores
+from training.train_segnet import command_for
 
 # Parity scenes at a second, non-square size use their own seed so they are not the metric scenes again.
 PARITY_SCENE_SEED = 40_000_004

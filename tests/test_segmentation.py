@@ -13,6 +13,7 @@ from export import evaluate_segmenter
 from export import segmenter as export_segmenter
 from export.onnx_io import ParityError
 from training.data import FASHION_MNIST_DIR, FASHION_MNIST_LABELS, load_dataset, train_val_split
+from training.metrics import item_coverage
 from training.models import CLASSIFIERS, SEGMENTERS, build_segmenter, count_parameters
 from training.scenes import ITEM_THRESHOLD, TEST_SCENE_SEED, fixed_test_scenes, make_scenes
 from training.train_segnet import (PRESETS, TrainSetup, command_for, main as train_main, parse_args as train_args,
@@ -182,13 +183,13 @@ def test_per_class_split_tells_lost_outlines_from_wrong_names(splits):
     other = k % 10 + 1                             # another garment class
     lost = truth.copy()
     lost[truth == k] = 0                           # every pixel of class k called background
-    split = evaluate_segmenter.item_coverage(scenes, lost)["per_class_found_and_named"]
+    split = item_coverage(scenes, lost)["per_class_found_and_named"]
     name = evaluate_segmenter.SCENE_LABELS[k]
     assert split[name]["found"] == 0.0 and split[name]["named"] == 0.0
     assert all(v == {"found": 1.0, "named": 1.0} for n, v in split.items() if n != name)
     renamed = truth.copy()
     renamed[truth == k] = other                    # outlines kept, garment misnamed
-    split = evaluate_segmenter.item_coverage(scenes, renamed)["per_class_found_and_named"]
+    split = item_coverage(scenes, renamed)["per_class_found_and_named"]
     assert split[name] == {"found": 1.0, "named": 0.0}
 
 

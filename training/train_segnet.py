@@ -33,6 +33,7 @@ from tqdm import tqdm
 
 from training import cli
 from training.data import Dataset, channel_stats, load_dataset, normalise, train_val_split
+from training.metrics import pixel_confusion, segmentation_scores
 from training.models import build_segmenter, count_parameters
 from training.plots import plot_class_iou, plot_scenes, plot_segmentation_curves
 from training.scenes import (ITEM_THRESHOLD, MAX_ITEMS, SCALE_RANGE, STATS_SCENE_SEED_OFFSET, TEST_SCENE_SEED,
@@ -130,28 +131,6 @@ def resolve_config(args: argparse.Namespace) -> dict:
 def command_for(config: dict) -> str:
     """The shortest command line that reproduces `config`: its preset plus every setting that differs."""
     return cli.command_for(config, DEFAULTS, PRESETS, "training.train_segnet")
-
-
-# --- metrics ----------------------------------------------------------------------------------------
-def pixel_confusion(truth: torch.Tensor, predicted: torch.Tensor, num_classes: int) -> torch.Tensor:
-    """[K, K] int64 counts of pixels with true class i predicted as j (bincount: millions of pixels)."""
-    index = truth.flatten().long() * num_classes + predicted.flatten().long()
-    return torch.bincount(index, minlength=num_classes * num_classes).view(num_classes, num_classes)
-
-
-def segmentation_scores(confusion: np.ndarray | torch.Tensor, label_names: list[str]) -> dict:
-    """Per-class IoU = TP / (TP + FP + FN), its mean over classes present in truth or prediction, pixel accuracy.
-
-    A class absent from both truth and prediction has no IoU (None) and is left out of the mean rather than
-    counted as a perfect 1 or a failed 0.
-    """
-    confusion = np.asarray(confusion, dtype=np.float64)
-    tp = np.diag(confusion)
-    union = confusion.sum(0) + confusion.sum(1) - tp
-    iou = [float(t / u) if u > 0 else None for t, u in zip(tp, union)]
-    present = [v for v in iou if v is not None]
-    return {"per_class_iou": dict(zip(label_names, iou)), "miou": float(np.mean(present)) if present else 0.0,
-            "pixel_accuracy": float(tp.sum() / max(confusion.sum(), 1.0)), "pixels": int(confusion.sum())}
 
 
 # --- training ---------------------------------------------------------------------------------------

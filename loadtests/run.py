@@ -19,14 +19,10 @@ import argparse
 import contextlib
 import os
 import re
-import signal
 import socket
 import subprocess
 import sys
 import tempfile
-import time
-import urllib.error
-import urllib.request
 from datetime import datetime, timezone
 from pathlib import Path
 from typing import Iterator
@@ -41,6 +37,7 @@ from loadtests.report import (
     write_summary,
 )
 from loadtests.scenarios import SCENARIOS, Endpoint, ScenarioError, available_tasks, fetch_models, select_endpoints
+from loadtests.server import free_port, is_ready, running_server, stop_process_group
 
 REPO = Path(__file__).resolve().parent.parent
 BIN = Path(sys.executable).parent
@@ -75,12 +72,6 @@ def duration_seconds(text: str) -> float:
     return hours * 3600 + minutes * 60 + seconds
 
 
-def free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
-
-
 def port_is_free(host: str, port: int) -> bool:
     with socket.socket() as sock:
         try:
@@ -88,28 +79,6 @@ def port_is_free(host: str, port: int) -> bool:
         except OSError:
             return False
     return True
-
-
-def is_ready(url: str) -> bool:
-    try:
-        with urllib.request.urlopen(url.rstrip("/") + "/readyz", timeout=2) as response:
-            return response.status == 200
-    except (urllib.error.URLError, OSError):
-        return False
-
-
-def stop_process_group(process: subprocess.Popen, grace_s: float = 20) -> None:
-    """SIGTERM to the process's own session (a CLI and the workers it forked), SIGKILL after `grace_s`."""
-    if process.poll() is not None:
-        return
-    with contextlib.suppress(ProcessLookupError):
-        os.killpg(process.pid, signal.SIGTERM)
-    try:
-        process.wait(timeout=grace_s)
-    except subprocess.TimeoutExpired:
-        with contextlib.suppress(ProcessLookupError):
-            os.killpg(process.pid, signal.SIGKILL)
-        process.wait()
 
 
 def import_models_into_store(env: dict[str, str]) -> None:
@@ -139,24 +108,6 @@ def server_environment() -> Iterator[dict[str, str]]:
         yield env
 
 
-def start_server(host: str, port: int, log_path: Path, timeout_s: float, env: dict[str, str]) -> subprocess.Popen:
-    """`bentoml serve` in its own session, returned once /readyz answers 200 (after models are warmed up)."""
-    process = subprocess.Popen(
-        [str(BIN / "bentoml"), "serve", "service.app:VisionService", "--host", host, "--port", str(port)],
-        cwd=REPO, env=env, stdout=open(log_path, "wb"), stderr=subprocess.STDOUT, start_new_session=True)
-    url = f"http://{host}:{port}"
-    deadline = time.monotonic() + timeout_s
-    while time.monotonic() < deadline:
-        if process.poll() is not None:
-            raise RuntimeError(f"the server exited with status {process.returncode}; its log: {log_path}\n"
-                               + log_path.read_text(errors="replace")[-3000:])
-        if is_ready(url):
-            return process
-        time.sleep(0.3)
-    stop_process_group(process)
-    raise RuntimeError(f"the server was not ready after {timeout_s:.0f} s; its log: {log_path}")
-
-
 @contextlib.contextmanager
 def service_at(url: str, log_path: Path, timeout_s: float) -> Iterator[tuple[str, bool]]:
     """(the URL to load, whether this driver started the server there). Uses a service that answers at
@@ -174,12 +125,9 @@ def service_at(url: str, log_path: Path, timeout_s: float) -> Iterator[tuple[str
         print(f"loadtest: {url} is taken by something that is not a ready visionserve; serving on port {port}",
               file=sys.stderr)
     print(f"loadtest: no service at {url}; starting one (log: {log_path})", file=sys.stderr)
-    with server_environment() as env:
-        process = start_server(host, port, log_path, timeout_s, env)
-        try:
-            yield f"http://{host}:{port}", True
-        finally:
-            stop_process_group(process)
+    with server_environment() as env, running_server(env, log_path, host=host, port=port,
+                                                     timeout_s=timeout_s) as server:
+        yield server.url, True
 
 
 def locust_run_options(args: argparse.Namespace, url: str, out_dir: Path) -> list[str]:

@@ -6,12 +6,9 @@ import hashlib
 import json
 import os
 import shutil
-import signal
-import socket
 import subprocess
 import sys
 import tempfile
-import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -19,9 +16,11 @@ import httpx
 import numpy as np
 import pytest
 
+from loadtests.server import MODEL_SOURCES, Server, free_port, stop_server
+from loadtests.server import start_server as launch_server
+
 REPO = Path(__file__).resolve().parent.parent
 MODELS_DIR = REPO / "models"
-READY_LOG_LINE = "visionserve ready"
 ISOLATED_HOME = pytest.StashKey[Path]()
 # Small limits so that each limit can be exceeded cheaply in a test; the defaults have their own test.
 TEST_SERVER_LIMITS = {
@@ -48,70 +47,26 @@ def pytest_unconfigure(config: pytest.Config) -> None:
         shutil.rmtree(home, ignore_errors=True)
 
 
-def free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
-
-
 @dataclass
-class RunningServer:
-    url: str
-    process: subprocess.Popen
-    log_path: Path
-    ready_before_load: bool = False  # /readyz answered 200 before the service logged that models were loaded
-    env: dict = field(default_factory=dict)
+class RunningServer(Server):
+    env: dict = field(default_factory=dict)  # what the test set (its limits, its models)
     cards_at_start: dict = field(default_factory=dict)  # the cards on disk when the server started
-
-    def log(self) -> str:
-        return self.log_path.read_text(errors="replace")
 
 
 def start_server(log_path: Path, extra_env: dict[str, str], timeout_s: float = 120,
                  host: str | None = "127.0.0.1") -> RunningServer:
-    """`bentoml serve` on a free port; `host=None` leaves the address to the service's own default."""
-    port = free_port()
+    """`bentoml serve` (loadtests/server.py) on a free port; `host=None` leaves the address to the service's own
+    default."""
     env = {**os.environ, **extra_env, "BENTOML_DO_NOT_TRACK": "True"}
     env.pop("BENTOML_HOST", None)
     # One worker unless the test asks for more (the shipped default is one per core): per-worker figures (batch
     # sizes, V2 statistics) stay exact, and the suite's servers do not each take every core.
     env["VISIONSERVE_WORKERS"] = extra_env.get("VISIONSERVE_WORKERS", "1")
-    for way in ("VISIONSERVE_MODELS", "VISIONSERVE_MODELS_DIR", "VISIONSERVE_CARDS_DIR"):
+    for way in MODEL_SOURCES:
         if way not in extra_env:  # the test names the models to serve, not the developer's shell
             env.pop(way, None)
-    log_file = open(log_path, "wb")
-    process = subprocess.Popen(
-        [str(Path(sys.executable).parent / "bentoml"), "serve", "service.app:VisionService",
-         *(["--host", host] if host else []), "--port", str(port)],
-        cwd=REPO, env=env, stdout=log_file, stderr=subprocess.STDOUT, start_new_session=True,
-    )
-    server = RunningServer(f"http://127.0.0.1:{port}", process, log_path, env=extra_env)
-    deadline = time.monotonic() + timeout_s
-    while time.monotonic() < deadline:
-        if process.poll() is not None:
-            raise RuntimeError(f"server exited with {process.returncode}:\n{server.log()}")
-        try:
-            if httpx.get(server.url + "/readyz", timeout=2).status_code == 200:
-                # Checked at the first 200: the load-and-warm-up log line must already be there.
-                server.ready_before_load = READY_LOG_LINE not in server.log()
-                return server
-        except httpx.TransportError:
-            pass
-        time.sleep(0.3)
-    stop_server(server)
-    raise RuntimeError(f"server not ready after {timeout_s} s:\n{server.log()}")
-
-
-def stop_server(server: RunningServer) -> None:
-    # The server runs in its own session: signal its process group (the CLI and its workers) only.
-    try:
-        os.killpg(server.process.pid, signal.SIGTERM)
-        server.process.wait(timeout=20)
-    except (ProcessLookupError, subprocess.TimeoutExpired):
-        try:
-            os.killpg(server.process.pid, signal.SIGKILL)
-        except ProcessLookupError:
-            pass
+    started = launch_server(env, log_path, host=host, timeout_s=timeout_s)
+    return RunningServer(**vars(started), env=extra_env)
 
 
 def classification_cards() -> dict[str, dict]:

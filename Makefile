@@ -148,7 +148,7 @@ image: bento
 
 # Raw onnxruntime-CUDA vs the served models on a GPU (benchmarks/gpu_check.py); prints why it skipped elsewhere.
 gpu-check: install models-present
-	$(BIN)/python benchmarks/gpu_check.py --models models --out benchmarks/results
+	$(BIN)/python -m benchmarks.gpu_check --models models --out benchmarks/results
 
 # `make print-IMAGE`: a variable as make computes it (tests/test_deploy.py reads IMAGE and PORT this way).
 print-%:
@@ -156,7 +156,7 @@ print-%:
 
 # Raw onnxruntime vs served, one run; writes benchmarks/results/serve.{json,md}.
 bench-serve: install data models-present
-	$(BIN)/python benchmarks/bench_serve.py --out benchmarks/results
+	$(BIN)/python -m benchmarks.bench_serve --out benchmarks/results
 
 # visionserve as shipped against the servers users would pick instead (benchmarks/peers.py), same CNN, same Locust
 # load. The peers live in their own venv, .venv-peers (pyproject's `peers` extra + the service's onnxruntime, numpy
@@ -165,12 +165,12 @@ PEERS_VENV := .venv-peers
 PEERS_ARGS ?=
 $(PEERS_VENV)/.installed: pyproject.toml $(INSTALLED)
 	test -x $(PEERS_VENV)/bin/python || $(PYTHON) -m venv $(PEERS_VENV)
-	$(BIN)/python benchmarks/peers.py --requirements > $(PEERS_VENV)/requirements.txt
+	$(BIN)/python -m benchmarks.peers --requirements > $(PEERS_VENV)/requirements.txt
 	$(PEERS_VENV)/bin/python -m pip install -q -r $(PEERS_VENV)/requirements.txt
 	touch $@
 
 bench-peers: install data models-present $(PEERS_VENV)/.installed
-	$(BIN)/python benchmarks/peers.py --out benchmarks/results $(PEERS_ARGS)
+	$(BIN)/python -m benchmarks.peers --out benchmarks/results $(PEERS_ARGS)
 
 # INT8 variants of the CNN and the ResNet student, released only if they keep accuracy and gain speed (issue 22)
 int8: install data models-present
@@ -178,7 +178,7 @@ int8: install data models-present
 
 # Raw onnxruntime ms per image of every released classifier beside its accuracy; benchmarks/results/classifier_cost.*
 bench-classifiers: install data models-present
-	$(BIN)/python benchmarks/classifier_cost.py --out benchmarks/results
+	$(BIN)/python -m benchmarks.classifier_cost --out benchmarks/results
 
 # PCA and t-SNE maps of every released classifier's test embeddings and k-means (k=10) ARI/NMI beside raw pixels,
 # the autoencoder's bottleneck and the 8x8 digits' MLP; benchmarks/results/embedding_map/ (a few minutes)
@@ -195,12 +195,12 @@ bench-explain: install data models-present
 
 # Training-step medians per architecture, both memory formats alternating in one run; benchmarks/results/train_step.*
 bench-train: install
-	$(BIN)/python benchmarks/train_step.py --out benchmarks/results
+	$(BIN)/python -m benchmarks.train_step --out benchmarks/results
 
 # docs/PERFORMANCE.md and benchmarks/results/performance.json (benchmarks/performance.py): bench-serve, then per
 # endpoint p50/p99 at 8/32/64 Locust users and the capacity within loadtests/slo.yaml. Installs nothing.
 performance:
-	$(BIN)/python benchmarks/performance.py
+	$(BIN)/python -m benchmarks.performance
 
 # Load test (loadtests/run.py): uses the service answering at HOST, or starts one there and stops it after;
 # Locust headless for DURATION; reports in reports/loadtest/<UTC stamp>/; exits non-zero naming each objective
@@ -237,13 +237,13 @@ PAUSE_PIDS   ?=
 PAUSE        = $(if $(strip $(PAUSE_PIDS)),--pause-pids $(PAUSE_PIDS))
 
 overload: install data models-present
-	$(BIN)/python benchmarks/overload.py --capacity $(CAPACITY) --seconds $(SECONDS) $(PAUSE)
+	$(BIN)/python -m loadtests.overload --capacity $(CAPACITY) --seconds $(SECONDS) $(PAUSE)
 
 soak: install data models-present
-	$(BIN)/python benchmarks/soak.py --capacity $(CAPACITY) --seconds $(SOAK_SECONDS) $(PAUSE)
+	$(BIN)/python -m loadtests.soak --capacity $(CAPACITY) --seconds $(SOAK_SECONDS) $(PAUSE)
 
 faults: install data models-present
-	$(BIN)/python benchmarks/faults.py $(PAUSE)
+	$(BIN)/python -m loadtests.faults $(PAUSE)
 
 clean:
 	rm -rf $(VENV) .pytest_cache

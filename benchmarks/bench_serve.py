@@ -9,20 +9,17 @@ from one sequential client. Classifiers: batch 1 and 64 raw; 1-image and 64-imag
 Writes benchmarks/results/serve.json and serve.md. A benchmark, not a test: it asserts nothing, it reports
 the targets (64-image CNN >= 80% of raw; 32 clients: 0 errors, p99 <= 100 ms) as met or missed.
 
-    .venv/bin/python benchmarks/bench_serve.py --out benchmarks/results          # make bench-serve
-    .venv/bin/python benchmarks/bench_serve.py --seconds 2 --concurrent-seconds 10 --dry-run
+    .venv/bin/python -m benchmarks.bench_serve --out benchmarks/results          # make bench-serve
+    .venv/bin/python -m benchmarks.bench_serve --seconds 2 --concurrent-seconds 10 --dry-run
 """
 
 from __future__ import annotations
 
 import argparse
 import csv
-import io
 import json
 import os
 import platform
-import signal
-import socket
 import subprocess
 import sys
 import tempfile
@@ -32,7 +29,10 @@ from pathlib import Path
 import httpx
 import numpy as np
 import onnxruntime as ort
-from PIL import Image
+from benchmarks.report import argument_parser, write_results
+from loadtests.payloads import fashion_test_images, png
+from loadtests.payloads import npy as npy_body
+from loadtests.server import models_folder_environment, running_server
 
 REPO = Path(__file__).resolve().parent.parent
 BOUNDARY = "benchboundary7f3a"
@@ -52,9 +52,7 @@ SERVER_CONFIGS = [
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--models", default=str(REPO / "models"))
-    p.add_argument("--out", default=str(REPO / "benchmarks" / "results"))
+    p = argument_parser(__doc__)
     p.add_argument("--seconds", type=float, default=5.0, help="per sequential measurement")
     p.add_argument("--concurrent-seconds", type=int, default=60, help="32-client run of the shipped config")
     p.add_argument("--compare-seconds", type=int, default=20, help="32-client runs of the other configs")
@@ -66,21 +64,6 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
 
 # --- inputs -------------------------------------------------------------------------------------------
 
-def test_images(count: int, seed: int) -> np.ndarray:
-    """`count` Fashion-MNIST test images, uint8 [N, 28, 28], a seeded sample."""
-    sys.path.insert(0, str(REPO))
-    from training.data import load_dataset
-
-    images = load_dataset("fashion-mnist", "test").images[:, 0].numpy()
-    return images[np.random.default_rng(seed).choice(len(images), count, replace=False)]
-
-
-def png(pixels: np.ndarray) -> bytes:
-    buffer = io.BytesIO()
-    Image.fromarray(pixels).save(buffer, format="PNG")
-    return buffer.getvalue()
-
-
 def multipart_body(pngs: list[bytes], model: str, field: str = "images", extra_fields: dict | None = None) -> bytes:
     """Built once per measurement so that the client's time goes to sending, not encoding."""
     parts = [f"--{BOUNDARY}\r\nContent-Disposition: form-data; name=\"model\"\r\n\r\n{model}\r\n".encode()]
@@ -90,12 +73,6 @@ def multipart_body(pngs: list[bytes], model: str, field: str = "images", extra_f
         parts.append(f"--{BOUNDARY}\r\nContent-Disposition: form-data; name=\"{field}\"; filename=\"x.png\"\r\n"
                      f"Content-Type: image/png\r\n\r\n".encode() + data + b"\r\n")
     return b"".join(parts) + f"--{BOUNDARY}--\r\n".encode()
-
-
-def npy_body(images: np.ndarray) -> bytes:
-    buffer = io.BytesIO()
-    np.save(buffer, images)
-    return buffer.getvalue()
 
 
 # --- measurements -------------------------------------------------------------------------------------
@@ -179,13 +156,15 @@ def served_sequential(client: httpx.Client, path: str, body: bytes, content_type
     return {**summarise(latencies, images_per_call), "errors": errors}
 
 
-def locust_closed_loop(url: str, users: int, seconds: int, images_npy: Path, workdir: Path) -> dict:
-    prefix = workdir / "locust"
-    command = [str(Path(sys.executable).parent / "locust"), "-f", str(REPO / "benchmarks" / "locust_single_image.py"),
+def locust_closed_loop(url: str, users: int, seconds: int, images_npy: Path, prefix: Path,
+                       cpus: list[int] | None = None) -> dict:
+    """`users` closed-loop single-image clients (loadtests/locust_single_image.py) for `seconds`, on `cpus` when
+    given; Locust's aggregated figures. Its CSVs go to <prefix>_*.csv."""
+    command = [str(Path(sys.executable).parent / "locust"), "-f", str(REPO / "loadtests" / "locust_single_image.py"),
                "--headless", "-u", str(users), "-r", str(users), "-t", f"{seconds}s", "-H", url,
                "--csv", str(prefix), "--only-summary", "--loglevel", "WARNING", "--stop-timeout", "5"]
-    subprocess.run(command, env={**os.environ, "BENCH_IMAGES_NPY": str(images_npy)}, capture_output=True,
-                   timeout=seconds + 120)
+    subprocess.run(command, cwd=REPO, env={**os.environ, "BENCH_IMAGES_NPY": str(images_npy)}, capture_output=True,
+                   timeout=seconds + 120, preexec_fn=(lambda: os.sched_setaffinity(0, cpus)) if cpus else None)
     with open(f"{prefix}_stats.csv") as f:
         row = next(r for r in csv.DictReader(f) if r["Name"] == "Aggregated")
     requests, failures = int(row["Request Count"]), int(row["Failure Count"])
@@ -222,48 +201,6 @@ def served_cells(client: httpx.Client, task: str, name: str, images: np.ndarray,
     }
 
 
-# --- the server ---------------------------------------------------------------------------------------
-
-def free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
-
-
-def start_server(env: dict[str, str], models_dir: str, log_path: Path) -> tuple[subprocess.Popen, str]:
-    """A server of the models folder itself (VISIONSERVE_MODELS_DIR): BentoML's store is never read, so what it
-    holds cannot change a measurement; other ways of naming models in the caller's environment are dropped."""
-    port = free_port()
-    inherited = {key: value for key, value in os.environ.items()
-                 if key not in ("VISIONSERVE_MODELS", "VISIONSERVE_CARDS_DIR")}
-    process = subprocess.Popen(
-        [str(Path(sys.executable).parent / "bentoml"), "serve", "service.app:VisionService", "--port", str(port),
-         "--host", "127.0.0.1"],
-        cwd=REPO, env={**inherited, **env, "VISIONSERVE_MODELS_DIR": models_dir, "BENTOML_DO_NOT_TRACK": "True"},
-        stdout=open(log_path, "wb"), stderr=subprocess.STDOUT, start_new_session=True)
-    url = f"http://127.0.0.1:{port}"
-    deadline = time.monotonic() + 180
-    while time.monotonic() < deadline:
-        if process.poll() is not None:
-            raise RuntimeError(f"server exited: {log_path.read_text()}")
-        try:
-            if httpx.get(url + "/readyz", timeout=2).status_code == 200:
-                return process, url
-        except httpx.TransportError:
-            pass
-        time.sleep(0.3)
-    stop_server(process)
-    raise RuntimeError(f"server not ready: {log_path.read_text()}")
-
-
-def stop_server(process: subprocess.Popen) -> None:
-    os.killpg(process.pid, signal.SIGTERM)
-    try:
-        process.wait(timeout=20)
-    except subprocess.TimeoutExpired:
-        os.killpg(process.pid, signal.SIGKILL)
-
-
 # --- report -------------------------------------------------------------------------------------------
 
 def markdown_report(results: dict) -> str:
@@ -296,10 +233,12 @@ def markdown_report(results: dict) -> str:
 
 def main(args: argparse.Namespace) -> dict:
     models_dir = Path(args.models)
-    names = sorted(p.parent.name for p in models_dir.glob("*/model.onnx"))
-    cards = {name: json.loads((models_dir / name / "card.json").read_text()) for name in names}
+    cards = {path.parent.name: json.loads((path.parent / "card.json").read_text())
+             for path in sorted(models_dir.glob("*/model.onnx"))}
+    # The tasks this benchmark has requests for (SERVED_OUTPUT); the autoencoder's /reconstruct is not measured here.
+    names = [name for name, card in cards.items() if card["task"] in SERVED_OUTPUT]
     threads = len(os.sched_getaffinity(0))
-    images = test_images(64, args.seed)
+    images = fashion_test_images(64, args.seed)
     load_start = os.getloadavg()
 
     raw = {}
@@ -313,8 +252,8 @@ def main(args: argparse.Namespace) -> dict:
     pngs = [png(image) for image in images]
     served, concurrency, provider, default_model, batch_sizes = {}, [], None, None, {}
     for index, (label, env) in enumerate(SERVER_CONFIGS):
-        process, url = start_server(env, str(models_dir), workdir / f"server-{index}.log")
-        try:
+        with running_server(models_folder_environment(models_dir, env), workdir / f"server-{index}.log") as server:
+            url = server.url
             described = httpx.get(url + "/models", timeout=10).json()
             default_model = described["default"]["classification"]
             if index == 0:
@@ -329,12 +268,10 @@ def main(args: argparse.Namespace) -> dict:
                         print(name, "served", cells, flush=True)
             seconds = args.concurrent_seconds if index == 0 else args.compare_seconds
             run = {"config": label, "env": env,
-                   **locust_closed_loop(url, args.users, seconds, images_npy, workdir)}
+                   **locust_closed_loop(url, args.users, seconds, images_npy, workdir / "locust")}
             batch_sizes[label] = httpx.get(url + "/models", timeout=10).json()["serving"]["batch_sizes_seen"]
             concurrency.append(run)
             print(run, flush=True)
-        finally:
-            stop_server(process)
 
     shipped = concurrency[0]
     targets = {}
@@ -354,7 +291,7 @@ def main(args: argparse.Namespace) -> dict:
         f"{shipped['errors']} errors, p99 {shipped['p99_ms']} ms over {shipped['seconds']} s "
         f"({'met' if shipped['errors'] == 0 and (shipped['p99_ms'] or 1e9) <= 100 else 'missed'})")
     results = {
-        "command": "python benchmarks/bench_serve.py " + " ".join(sys.argv[1:]),
+        "command": "python -m benchmarks.bench_serve " + " ".join(sys.argv[1:]),
         "machine": {"cpus": threads, "processor": platform.processor() or platform.machine(),
                     "load_average_start": [round(x, 2) for x in load_start],
                     "load_average_end": [round(x, 2) for x in os.getloadavg()],
@@ -363,13 +300,7 @@ def main(args: argparse.Namespace) -> dict:
         "default_model": default_model, "raw": raw, "served": served, "concurrency": concurrency,
         "batch_sizes_seen_after_concurrency": batch_sizes, "targets": targets,
     }
-    report = markdown_report(results)
-    print(report)
-    if not args.dry_run:
-        out = Path(args.out)
-        out.mkdir(parents=True, exist_ok=True)
-        (out / "serve.json").write_text(json.dumps(results, indent=2) + "\n")
-        (out / "serve.md").write_text(report)
+    write_results(args.out, "serve", results, markdown_report(results), args.dry_run)
     return results
 
 

@@ -1,6 +1,6 @@
 """Raw onnxruntime cost per image of every released classifier, beside its test accuracy, in one run.
 
-    .venv/bin/python benchmarks/classifier_cost.py --out benchmarks/results          # make bench-classifiers
+    .venv/bin/python -m benchmarks.classifier_cost --out benchmarks/results          # make bench-classifiers
 
 For each models/<name>/ with a classification card: the median time of `session.run` on Fashion-MNIST test
 images at batch 1 and batch 64 (rounds interleaved across models, so that a busy moment of a shared machine
@@ -22,13 +22,11 @@ from pathlib import Path
 import numpy as np
 import onnxruntime as ort
 
-REPO = Path(__file__).resolve().parent.parent
+from benchmarks.report import argument_parser
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--models", default=str(REPO / "models"))
-    p.add_argument("--out", default=str(REPO / "benchmarks" / "results"))
+    p = argument_parser(__doc__)
     p.add_argument("--rounds", type=int, default=15, help="interleaved rounds; each times every model once per batch")
     p.add_argument("--threads", type=int, default=1, help="onnxruntime intra-op threads per session")
     return p.parse_args(argv)
@@ -62,7 +60,7 @@ def measure(sessions: dict[str, ort.InferenceSession], images: np.ndarray, round
 
 
 def markdown(results: list[dict], meta: dict) -> str:
-    lines = [f"Measured by `python benchmarks/classifier_cost.py` on {meta['cpu']} ({meta['cpu_count']} cores), "
+    lines = [f"Measured by `python -m benchmarks.classifier_cost` on {meta['cpu']} ({meta['cpu_count']} cores), "
              f"onnxruntime {meta['onnxruntime']}, {meta['threads']} intra-op thread(s), median of {meta['rounds']} "
              "interleaved rounds; accuracy from each card (onnxruntime, 10,000 test images).", "",
              "| model | test accuracy | ms / image, batch 1 | ms / image, batch 64 | cost vs resnet (batch 64) | "

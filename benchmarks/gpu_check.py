@@ -1,6 +1,6 @@
 """Raw onnxruntime-CUDA against the served models, on a GPU machine; elsewhere it says why it skipped.
 
-    .venv/bin/python benchmarks/gpu_check.py --models models --out benchmarks/results     # make gpu-check
+    .venv/bin/python -m benchmarks.gpu_check --models models --out benchmarks/results     # make gpu-check
 
 On a machine where the CUDA execution provider really runs (read back from a session, not from the list of
 available providers): img/s of raw onnxruntime-CUDA for the ResNet and the CNN at batch 1 and 64, FP32 and FP16
@@ -13,7 +13,6 @@ Writes gpu.json and gpu.md. Without CUDA it prints the reason and exits 0 writin
 from __future__ import annotations
 
 import argparse
-import json
 import platform
 import sys
 import tempfile
@@ -23,9 +22,8 @@ from pathlib import Path
 import numpy as np
 import onnxruntime as ort
 
-REPO = Path(__file__).resolve().parent.parent
-sys.path.insert(0, str(REPO))
-from service.onnx_models import CPU, CUDA, cuda_missing  # noqa: E402  (the service's own check, one definition)
+from benchmarks.report import argument_parser, write_results
+from service.onnx_models import CPU, CUDA, cuda_missing  # the service's own check, one definition
 
 MODELS = ("resnet", "cnn")
 BATCHES = (1, 64)
@@ -33,9 +31,7 @@ TARGET = 0.80  # served batched ResNet img/s over raw onnxruntime-CUDA img/s (is
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--models", default=str(REPO / "models"))
-    p.add_argument("--out", default=str(REPO / "benchmarks" / "results"))
+    p = argument_parser(__doc__)
     p.add_argument("--seconds", type=float, default=5.0, help="per measured cell")
     p.add_argument("--seed", type=int, default=0)
     return p.parse_args(argv)
@@ -94,18 +90,15 @@ def raw_cells(models_dir: Path, images: np.ndarray, seconds: float, workdir: Pat
 def served_cells(models_dir: Path, images: np.ndarray, seconds: float, workdir: Path) -> dict:
     import httpx
 
-    sys.path.insert(0, str(REPO / "benchmarks"))
-    from bench_serve import npy_body, served_sequential, start_server, stop_server
+    from benchmarks.bench_serve import npy_body, served_sequential
+    from loadtests.server import models_folder_environment, running_server
 
-    process, url = start_server({"VISIONSERVE_DEVICE": "cuda"}, str(models_dir), workdir / "server.log")
-    try:
-        with httpx.Client(base_url=url, timeout=60) as client:
-            providers = {model["name"]: model["provider"] for model in client.get("/models").json()["models"]}
-            return {"providers": providers, **{
-                name: served_sequential(client, f"/classify/tensor?model={name}", npy_body(images[:64]),
-                                        "application/octet-stream", 64, seconds) for name in MODELS}}
-    finally:
-        stop_server(process)
+    env = models_folder_environment(models_dir, {"VISIONSERVE_DEVICE": "cuda"})
+    with running_server(env, workdir / "server.log") as server, httpx.Client(base_url=server.url, timeout=60) as client:
+        providers = {model["name"]: model["provider"] for model in client.get("/models").json()["models"]}
+        return {"providers": providers, **{
+            name: served_sequential(client, f"/classify/tensor?model={name}", npy_body(images[:64]),
+                                    "application/octet-stream", 64, seconds) for name in MODELS}}
 
 
 def markdown_report(results: dict) -> str:
@@ -127,20 +120,15 @@ def main(args: argparse.Namespace) -> int:
     if reason:
         print(f"gpu-check skipped: {reason}. No figures written.")
         return 0
-    sys.path.insert(0, str(REPO / "benchmarks"))
-    from bench_serve import test_images
+    from loadtests.payloads import fashion_test_images
 
-    images = test_images(64, args.seed)[:, None]  # uint8 [64, 1, 28, 28]
+    images = fashion_test_images(64, args.seed)[:, None]  # uint8 [64, 1, 28, 28]
     with tempfile.TemporaryDirectory(prefix="gpu-check-") as scratch:
         raw = raw_cells(models_dir, images, args.seconds, Path(scratch))
         served = served_cells(models_dir, images, args.seconds, Path(scratch))
     results = {"device": platform.node(), "onnxruntime": ort.__version__, "raw": raw, "served": served,
                "served_over_raw": served["resnet"]["img_per_s_at_median"] / raw["resnet"]["fp32 batch 64 img/s"]}
-    out = Path(args.out)
-    out.mkdir(parents=True, exist_ok=True)
-    (out / "gpu.json").write_text(json.dumps(results, indent=2))
-    (out / "gpu.md").write_text(markdown_report(results))
-    print(markdown_report(results))
+    write_results(args.out, "gpu", results, markdown_report(results))
     return 0
 
 

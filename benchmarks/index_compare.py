@@ -1,6 +1,6 @@
 """faiss-cpu vs usearch for /similar: build time, recall@10 against exact search, query latency, file size.
 
-    python benchmarks/index_compare.py --model models/cnn --out benchmarks/results
+    python -m benchmarks.index_compare --model models/cnn --out benchmarks/results
 
 The reference set is a classifier's embeddings of the 60,000 Fashion-MNIST training images; queries are the first
 1,000 test images' embeddings; exact search is numpy's brute-force squared L2 in float32. Every library runs on
@@ -140,7 +140,7 @@ def main(argv: list[str] | None = None) -> dict:
     report = {"model": model, "reference_images": len(base), "dimension": base.shape[1], "queries": len(queries),
               "k": K, "threads": 1, "numpy_exact_ms_batch_1": round(exact_1, 3),
               "cpu": os.environ.get("BENCH_CPU", "AMD EPYC (2 cores, shared)"), "results": results,
-              "command": f"python benchmarks/index_compare.py --model {args.model} --out {args.out}"}
+              "command": f"python -m benchmarks.index_compare --model {args.model} --out {args.out}"}
     args.out.mkdir(parents=True, exist_ok=True)
     (args.out / f"index_{model}.json").write_text(json.dumps(report, indent=2) + "\n")
     write_markdown(args.out)
@@ -160,7 +160,7 @@ CHOICE = ("**Shipped: faiss `IndexScalarQuantizer` fp16, flat** (export/index.py
 def write_markdown(out: Path) -> None:
     """benchmarks/results/index.md from every index_<model>.json written so far."""
     lines = ["# Similarity index: faiss-cpu vs usearch", "",
-             "Measured by `python benchmarks/index_compare.py --model models/<name>` (one thread per library, "
+             "Measured by `python -m benchmarks.index_compare --model models/<name>` (one thread per library, "
              "the 60,000 training images' embeddings as the reference set, the first 1,000 test images as queries, "
              "recall@10 against float32 brute force; latency medians in ms per call, all in one run per model).", ""]
     for path in sorted(out.glob("index_*.json")):

@@ -19,6 +19,7 @@ from pathlib import Path
 import numpy as np
 import onnxruntime as ort
 
+from benchmarks.report import write_results
 from export.evaluate_ood import auroc, fpr_at_95_tpr, ood_sets
 from export.onnx_io import run_batched
 from training.data import load_dataset
@@ -76,11 +77,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
 
 def main(args: argparse.Namespace) -> dict:
     result = evaluate(Path(args.model), args.data_dir, args.limit)
-    out = Path(args.out)
-    out.mkdir(parents=True, exist_ok=True)
-    (out / "ood_autoencoder.json").write_text(json.dumps(result, indent=2) + "\n")
-    (out / "ood_autoencoder.md").write_text(markdown(result))
-    print(markdown(result))
+    write_results(args.out, "ood_autoencoder", result, markdown(result))
     return result
 
 

@@ -1,6 +1,6 @@
 """What the `ood` answer costs: /classify/tensor with ood=true vs ood=false, interleaved, against a running server.
 
-    python benchmarks/ood_cost.py --url http://127.0.0.1:3000 --model cnn --out benchmarks/results
+    python -m benchmarks.ood_cost --url http://127.0.0.1:3000 --model cnn --out benchmarks/results
 
 Each round sends the same batch twice, once with each setting, in alternating order; the medians and their
 difference are one run's. Also in-process: the score alone (service/ood.py's OodScorer on the card's ood.npz)
@@ -73,7 +73,7 @@ def main(argv: list[str] | None = None) -> dict:
 
     images = load_dataset("fashion-mnist", "test").images.numpy()
     report = {"model": args.model, "rounds": args.rounds, "url": args.url, "batches": {},
-              "command": f"python benchmarks/ood_cost.py --url URL --model {args.model} --rounds {args.rounds}"}
+              "command": f"python -m benchmarks.ood_cost --url URL --model {args.model} --rounds {args.rounds}"}
     with httpx.Client(timeout=60) as client:
         for batch in (1, 64):
             pixels = np.ascontiguousarray(images[:batch])

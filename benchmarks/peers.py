@@ -7,7 +7,7 @@ Serves the released CNN graph (models/cnn/model.onnx) with
   (d) BentoML's documented `@bentoml.api(batchable=True)` service (benchmarks/peers/bentoml_batchable.py),
   (e) the HTTP floor: a Starlette route that reads the body and answers a fixed JSON (benchmarks/peers/floor_app.py),
 each with the same worker count and one onnxruntime intra-op thread per worker, and drives each with the same
-closed-loop Locust load (benchmarks/peers/locustfile.py: one Fashion-MNIST test PNG per POST /classify). One server
+closed-loop Locust load (loadtests/locust_single_image.py: one Fashion-MNIST test PNG per POST /classify). One server
 runs at a time; rounds interleave the servers; medians over rounds go to benchmarks/results/peers.{md,json}.
 
 Where the machine has >= 4 usable cores, servers and Locust get disjoint CPU sets (sched_setaffinity, inherited by
@@ -19,16 +19,15 @@ uvloop and httptools uvicorn (and so BentoML) picks automatically, so installing
 visionserve itself runs. visionserve and the BentoML peer run from .venv, as shipped. The table records which
 event loop and HTTP parser each server's interpreter gives uvicorn.
 
-    .venv/bin/python benchmarks/peers.py                          # make bench-peers: 3 rounds x 30 s x 5 servers
-    .venv/bin/python benchmarks/peers.py --duration 15 --rounds 1 --label "short run, busy machine"
-    .venv/bin/python benchmarks/peers.py --requirements           # the pins .venv-peers is made from
+    .venv/bin/python -m benchmarks.peers                          # make bench-peers: 3 rounds x 30 s x 5 servers
+    .venv/bin/python -m benchmarks.peers --duration 15 --rounds 1 --label "short run, busy machine"
+    .venv/bin/python -m benchmarks.peers --requirements           # the pins .venv-peers is made from
 """
 
 from __future__ import annotations
 
 import argparse
 import contextlib
-import csv
 import json
 import os
 import platform
@@ -42,6 +41,8 @@ import tomllib
 from datetime import datetime, timezone
 from pathlib import Path
 from typing import Iterator
+
+from benchmarks.report import write_results
 
 REPO = Path(__file__).resolve().parent.parent
 PEERS_DIR = REPO / "benchmarks" / "peers"
@@ -128,16 +129,17 @@ def wait_ready(process: subprocess.Popen, url: str, log_path: Path, timeout_s: f
 
 def start_peer(peer: str, args: argparse.Namespace, workers: int, model_dir: Path, workdir: Path,
                log_path: Path) -> tuple[subprocess.Popen, str]:
-    """One server of the CNN on a free port; visionserve through bench_serve's own helper."""
-    from benchmarks.bench_serve import free_port, start_server, stop_server
+    """One server of the CNN on a free port; visionserve through the launcher every test and benchmark uses."""
+    from loadtests.server import free_port, models_folder_environment, start_server, stop_process_group
 
     if peer == "visionserve":
         cnn_only = workdir / "models"  # VISIONSERVE_MODELS_DIR of the CNN alone: no other model loads
         if not cnn_only.exists():
             cnn_only.mkdir()
             (cnn_only / model_dir.name).symlink_to(model_dir.resolve())
-        return start_server({"VISIONSERVE_WORKERS": str(workers), "VISIONSERVE_THREADS": "1"}, str(cnn_only),
-                            log_path)
+        settings = {"VISIONSERVE_WORKERS": str(workers), "VISIONSERVE_THREADS": "1"}
+        server = start_server(models_folder_environment(cnn_only, settings), log_path)
+        return server.process, server.url
     port = free_port()
     env = {**os.environ, "PEER_MODEL": str(model_dir / "model.onnx"), "PEER_CARD": str(model_dir / "card.json"),
            "PEER_WORKERS": str(workers), "PEER_PORT": str(port), "BENTOML_DO_NOT_TRACK": "True",
@@ -159,7 +161,7 @@ def start_peer(peer: str, args: argparse.Namespace, workers: int, model_dir: Pat
     try:
         wait_ready(process, url + health, log_path)
     except RuntimeError:
-        stop_server(process)
+        stop_process_group(process)
         raise
     return process, url
 
@@ -191,25 +193,6 @@ def event_loop_and_parser(python: str) -> dict:
     probe = ("import importlib.util as u, json; print(json.dumps({'loop': 'uvloop' if u.find_spec('uvloop') "
              "else 'asyncio', 'http': 'httptools' if u.find_spec('httptools') else 'h11'}))")
     return json.loads(subprocess.run([python, "-c", probe], capture_output=True, text=True, check=True).stdout)
-
-
-# --- the load -----------------------------------------------------------------------------------------------
-
-def run_locust(url: str, users: int, seconds: int, png_path: Path, prefix: Path, cpus: list[int]) -> dict:
-    command = [str(MAIN_BIN / "locust"), "-f", str(PEERS_DIR / "locustfile.py"), "--headless", "-u", str(users),
-               "-r", str(users), "-t", f"{seconds}s", "-H", url, "--csv", str(prefix), "--only-summary",
-               "--loglevel", "WARNING", "--stop-timeout", "5"]
-    subprocess.run(command, env={**os.environ, "PEERS_PNG": str(png_path)}, capture_output=True,
-                   timeout=seconds + 120, preexec_fn=lambda: os.sched_setaffinity(0, cpus))
-    with open(f"{prefix}_stats.csv") as f:
-        row = next(r for r in csv.DictReader(f) if r["Name"] == "Aggregated")
-
-    def number(value: str) -> float | None:  # Locust writes N/A when a run got no answer at all
-        return None if value in ("", "N/A") else float(value)
-
-    return {"requests": int(row["Request Count"]), "errors": int(row["Failure Count"]),
-            "req_per_s": round(number(row["Requests/s"]) or 0.0, 1), "p50_ms": number(row["50%"]),
-            "p99_ms": number(row["99%"])}
 
 
 # --- report -------------------------------------------------------------------------------------------------
@@ -262,14 +245,17 @@ def markdown_report(results: dict) -> str:
               "`--loop asyncio --http h11`, to show what the loop and parser alone are worth. The peers answer the "
               "top label only; visionserve's answer also carries top-k, the auto-inversion flag and the OOD score, "
               "and fits any image to the card's spec (aspect-preserving resize, padding). "
-              "Written by benchmarks/peers.py.", ""]
+              "Written by `python -m benchmarks.peers`.", ""]
     return "\n".join(lines)
 
 
 def main(args: argparse.Namespace) -> dict:
-    sys.path.insert(0, str(REPO))
-    from benchmarks.bench_serve import png as png_bytes, stop_server, test_images
-    from benchmarks.performance import git_commit, load_average, processor_name
+    import numpy as np
+
+    from benchmarks.bench_serve import locust_closed_loop
+    from loadtests.machine import git_commit, load_average, processor_name
+    from loadtests.payloads import fashion_test_images, png as png_bytes
+    from loadtests.server import stop_process_group
     from service.config import available_cores
 
     model_dir = Path(args.model)
@@ -277,16 +263,17 @@ def main(args: argparse.Namespace) -> dict:
     server_cpus, locust_cpus, pinned = cpu_sets(usable)
     workers = args.workers or (len(server_cpus) if pinned else available_cores())
     workdir = Path(tempfile.mkdtemp(prefix="bench-peers-"))
-    png = png_bytes(test_images(1, args.seed)[0])
-    png_path = workdir / "image.png"
-    png_path.write_bytes(png)
+    image = fashion_test_images(1, args.seed)
+    png = png_bytes(image[0])
+    images_npy = workdir / "image.npy"  # the one image every Locust user sends
+    np.save(images_npy, image)
     interpreters = {peer: str(MAIN_BIN / "python") if peer in ("visionserve", "bentoml-batchable")
                     else args.peers_python for peer in args.peers}
     rows = {peer: {"runs": [], "top_label": None, **event_loop_and_parser(interpreters[peer]),
                    "python": interpreters[peer]} for peer in args.peers}
     if "fastapi-asyncio" in rows:  # told on its command line, whatever the venv holds
         rows["fastapi-asyncio"].update(loop="asyncio", http="h11")
-    results = {"command": shlex.join(["benchmarks/peers.py", *sys.argv[1:]]), "label": args.label,
+    results = {"command": shlex.join(["python", "-m", "benchmarks.peers", *sys.argv[1:]]), "label": args.label,
                "started": datetime.now(timezone.utc).strftime("%Y-%m-%d %H:%M UTC"),
                "machine": {"processor": processor_name(), "cpus": os.cpu_count(), "platform": platform.platform(),
                            "load_average_start": load_average(), "commit": git_commit()},
@@ -302,10 +289,10 @@ def main(args: argparse.Namespace) -> dict:
             try:
                 answer = first_answer(url, png)
                 rows[peer]["top_label"] = None if peer == "http-floor" else top_label(answer)
-                run = run_locust(url, args.users, args.duration, png_path, workdir / f"{peer}-{round_index}",
-                                 locust_cpus)
+                run = locust_closed_loop(url, args.users, args.duration, images_npy,
+                                         workdir / f"{peer}-{round_index}", locust_cpus)
             finally:
-                stop_server(process)
+                stop_process_group(process)
             rows[peer]["runs"].append(run)
             print(f"round {round_index + 1} {peer}: {run}", flush=True)
     for row in rows.values():
@@ -314,12 +301,7 @@ def main(args: argparse.Namespace) -> dict:
         for row in rows.values():
             row["ratio_to_fastapi"] = round(row["median"]["req_per_s"] / rows[REFERENCE]["median"]["req_per_s"], 3)
     results["machine"]["load_average_end"] = load_average()
-    if not args.dry_run:
-        out = Path(args.out)
-        out.mkdir(parents=True, exist_ok=True)
-        (out / "peers.json").write_text(json.dumps(results, indent=2) + "\n")
-        (out / "peers.md").write_text(markdown_report(results))
-    print(markdown_report(results))
+    write_results(args.out, "peers", results, markdown_report(results), args.dry_run)
     return results
 
 

@@ -1,7 +1,7 @@
 """docs/PERFORMANCE.md from measurements: raw vs served, latency at fixed user counts, capacity per endpoint.
 
 One run, three parts, every figure of the report measured by it:
-1. `benchmarks/bench_serve.py` (`make bench-serve`) in a subprocess: raw onnxruntime in-process vs the same
+1. `python -m benchmarks.bench_serve` (`make bench-serve`) in a subprocess: raw onnxruntime in-process vs the same
    models served, 1 item and batched, and 32 closed-loop clients; it writes benchmarks/results/serve.{json,md}.
 2. One server (shipped defaults, the models of --models), loaded by Locust one endpoint at a time (the users of
    loadtests/locustfile.py, picked by their tag) at each user count of --search-users and --table-users,
@@ -13,10 +13,10 @@ One run, three parts, every figure of the report measured by it:
 Writes benchmarks/results/performance.json, docs/PERFORMANCE.md and docs/performance_latency.png (p99 vs
 users per endpoint); Locust's own files go to reports/performance/<UTC stamp>/ (not tracked).
 
-    .venv/bin/python benchmarks/performance.py                                  # make performance
-    .venv/bin/python benchmarks/performance.py --models /tmp/models --pause-pids 1234   # SIGSTOP 1234 meanwhile
-    .venv/bin/python benchmarks/performance.py --render-only                    # re-render from the JSON
-    .venv/bin/python benchmarks/performance.py --seconds 3 --search-users 4 8 --table-users 8 \\
+    .venv/bin/python -m benchmarks.performance                                  # make performance
+    .venv/bin/python -m benchmarks.performance --models /tmp/models --pause-pids 1234   # SIGSTOP 1234 meanwhile
+    .venv/bin/python -m benchmarks.performance --render-only                    # re-render from the JSON
+    .venv/bin/python -m benchmarks.performance --seconds 3 --search-users 4 8 --table-users 8 \\
         --bench-serve-args "--seconds 1 --concurrent-seconds 3 --compare-seconds 2" --out /tmp/p --doc /tmp/p/P.md
 
 A model in --models that is not byte-identical to the one of the same name in models/ is labelled a stand-in
@@ -31,28 +31,25 @@ import json
 import os
 import platform
 import shlex
-import signal
 import subprocess
 import sys
 import time
 from datetime import datetime, timezone
 from pathlib import Path
-from typing import Iterator
+
+import httpx
+import psutil
+
+from loadtests.machine import git_commit, load_average, paused, processor_name, stamp
+from loadtests.report import load_objectives, read_failures, read_stats
+from loadtests.scenarios import ENDPOINTS, Endpoint, available_tasks
+from loadtests.server import models_folder_environment, running_server
 
 REPO = Path(__file__).resolve().parent.parent
-sys.path.insert(0, str(REPO))  # run as a script (make performance): loadtests/ and benchmarks/ from the root
-
-import httpx  # noqa: E402
-import psutil  # noqa: E402
-
-from benchmarks.bench_serve import start_server, stop_server  # noqa: E402
-from loadtests.report import load_objectives, read_failures, read_stats  # noqa: E402
-from loadtests.scenarios import ENDPOINTS, Endpoint, available_tasks  # noqa: E402
 
 BIN = Path(sys.executable).parent
 SHIPPED = {"VISIONSERVE_BATCHING": "on", "VISIONSERVE_WORKERS": "1"}  # one worker (the default is one per core)
-ITEMS_PER_REQUEST = {"classify": 1, "classify_batch": 16, "tensor": 16, "segment": 1, "generate": 16}
-ITEM_NAME = {"classification": "images", "segmentation": "scenes", "generation": "samples"}
+ITEMS_PER_REQUEST = {"classify": 1, "classify_batch": 16, "tensor": 16, "segment": 1, "generate": 16, "reconstruct": 1}
 # bench-serve's cells, per load-test endpoint: (task, request name in serve.json) for 1 item and batched.
 BENCH_CELLS = {
     "classify": [("classification", "1 png")],
@@ -79,7 +76,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--table-users", type=int, nargs="+", default=[8, 32, 64], help="p50/p99 reported at these")
     p.add_argument("--endpoints", nargs="+", choices=[e.tag for e in ENDPOINTS], help="default: every one served")
     p.add_argument("--skip-bench-serve", action="store_true", help="reuse OUT/serve.json instead of measuring")
-    p.add_argument("--bench-serve-args", default="", help="extra arguments of bench_serve.py, e.g. "
+    p.add_argument("--bench-serve-args", default="", help="extra arguments of benchmarks.bench_serve, e.g. "
                    "\"--concurrent-seconds 30 --compare-seconds 10\"")
     p.add_argument("--pause-pids", type=int, nargs="*", default=[],
                    help="processes (other work on a shared machine) to SIGSTOP while measuring; always SIGCONT after")
@@ -91,57 +88,10 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
 
 # --- the machine -------------------------------------------------------------------------------------
 
-def processor_name() -> str:
-    with contextlib.suppress(OSError):
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                return line.split(":", 1)[1].strip()
-    return platform.processor() or platform.machine()
-
-
-def load_average() -> list[float]:
-    return [round(x, 2) for x in os.getloadavg()]
-
-
 def command_line(pid: int) -> str:
     with contextlib.suppress(psutil.Error):
         return " ".join(psutil.Process(pid).cmdline())
     return "?"
-
-
-def git_commit() -> str | None:
-    result = subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=REPO, capture_output=True, text=True)
-    return result.stdout.strip() or None
-
-
-@contextlib.contextmanager
-def paused(pids: list[int]) -> Iterator[list[int]]:
-    """SIGSTOP `pids` for the measurements (the cores are shared with them) and SIGCONT them afterwards,
-    whatever happens: an exception, Ctrl-C, or a SIGTERM/SIGHUP to this process (turned into SystemExit)."""
-    stopped: list[int] = []
-
-    def leave(signum, _frame):
-        raise SystemExit(128 + signum)
-
-    previous = {sig: signal.signal(sig, leave) for sig in (signal.SIGTERM, signal.SIGHUP)}
-    try:
-        for pid in pids:
-            try:
-                os.kill(pid, signal.SIGSTOP)
-                stopped.append(pid)
-            except (ProcessLookupError, PermissionError):
-                print(f"performance: no process {pid} to pause", file=sys.stderr)
-        if stopped:
-            print(f"performance: paused {stopped} (SIGSTOP) while measuring", file=sys.stderr)
-        yield stopped
-    finally:
-        for pid in stopped:
-            with contextlib.suppress(ProcessLookupError):
-                os.kill(pid, signal.SIGCONT)
-        if stopped:
-            print(f"performance: resumed {stopped} (SIGCONT)", file=sys.stderr)
-        for sig, handler in previous.items():
-            signal.signal(sig, handler)
 
 
 # --- part 1: bench-serve -----------------------------------------------------------------------------
@@ -153,7 +103,7 @@ def relative(path: Path) -> str:
 
 
 def run_bench_serve(models: Path, out: Path, extra_args: str) -> dict:
-    command = [sys.executable, str(REPO / "benchmarks" / "bench_serve.py"), "--models", relative(models),
+    command = [sys.executable, "-m", "benchmarks.bench_serve", "--models", relative(models),
                "--out", relative(out), *shlex.split(extra_args)]
     print("performance: " + " ".join(command), file=sys.stderr, flush=True)
     started = time.monotonic()
@@ -294,8 +244,8 @@ def capacity(search: list[int], levels: dict[int, dict]) -> dict:
 
 def measure_load(models: Path, args: argparse.Namespace, reports: Path, clock_start: float) -> dict:
     objectives = load_objectives(Path(args.slo))
-    process, url = start_server(SHIPPED, str(models), reports / "server.log")
-    try:
+    with running_server(models_folder_environment(models, SHIPPED), reports / "server.log") as server:
+        url = server.url
         described = httpx.get(url + "/models", timeout=10).json()
         tasks = available_tasks(described)
         wanted = args.endpoints or [e.tag for e in ENDPOINTS]
@@ -304,10 +254,8 @@ def measure_load(models: Path, args: argparse.Namespace, reports: Path, clock_st
         results = []
         for endpoint in endpoints:
             p99 = float(objectives.get(endpoint.key, {}).get("p99_ms", float("inf")))
-            results.append(measure_endpoint(url, process.pid, endpoint, args, p99, reports, clock_start))
+            results.append(measure_endpoint(url, server.process.pid, endpoint, args, p99, reports, clock_start))
         serving = httpx.get(url + "/models", timeout=10).json().get("serving", {})
-    finally:
-        stop_server(process)
     return {"server_env": SHIPPED, "default_models": described.get("default"), "serving_after": serving,
             "models_on_server": [{k: m.get(k) for k in ("name", "task", "version", "provider")}
                                  for m in described.get("models", [])],
@@ -528,14 +476,14 @@ def markdown_report(results: dict, plot_name: str) -> str:
     if load["skipped_no_model"]:
         lines += ["", "Not measured (no model of that task in the models folder): "
                   + ", ".join(load["skipped_no_model"]) + "."]
-    lines += ["", "## Reproduce", "", "```sh", "make performance    # .venv/bin/python benchmarks/performance.py",
+    lines += ["", "## Reproduce", "", "```sh", "make performance    # .venv/bin/python -m benchmarks.performance",
               results["command"], "```", ""]
     return "\n".join(lines)
 
 
 def raw_best(results: dict, tag: str) -> float | None:
     """Raw onnxruntime's best items/s for the model the endpoint's load used (its task's default model)."""
-    task = {"segment": "segmentation", "generate": "generation"}.get(tag, "classification")
+    task = next(endpoint.task for endpoint in ENDPOINTS if endpoint.tag == tag)
     model = (results["load"]["default_models"] or {}).get(task)
     raw = results["bench_serve"]["raw"].get(model)
     return max(cell["img_per_s_at_median"] for cell in raw.values()) if raw else None
@@ -560,10 +508,10 @@ def main(args: argparse.Namespace) -> dict:
 
     models = Path(args.models).resolve()
     notes = dict(item.split("=", 1) for item in args.stand_in)
-    reports = Path(args.reports) / datetime.now(timezone.utc).strftime("%Y%m%dT%H%M%SZ")
+    reports = Path(args.reports) / stamp()
     reports.mkdir(parents=True, exist_ok=True)
     out.mkdir(parents=True, exist_ok=True)
-    results = {"command": "python benchmarks/performance.py " + " ".join(shlex.quote(a) for a in sys.argv[1:]),
+    results = {"command": "python -m benchmarks.performance " + " ".join(shlex.quote(a) for a in sys.argv[1:]),
                "started_utc": datetime.now(timezone.utc).strftime("%Y-%m-%d %H:%M UTC"), "git_commit": git_commit(),
                "models_dir": str(models), "models": describe_models(models, notes)}
     clock_start = time.monotonic()

@@ -13,13 +13,12 @@ function lives in (BentoML, uvicorn + h11, Starlette, asyncio); a C function (a 
 queue put) goes to the stage of its caller. cProfile inflates pure-Python layers against C
 code, so the unprofiled wall time is reported beside it. Writes benchmarks/results/profile.{md,json}.
 
-    .venv/bin/python benchmarks/profile_classify.py --requests 3000
+    .venv/bin/python -m benchmarks.profile_classify --requests 3000
 """
 
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import pstats
 import signal
@@ -29,8 +28,9 @@ import tempfile
 import time
 from pathlib import Path
 
+from benchmarks.report import write_results
+
 REPO = Path(__file__).resolve().parent.parent
-sys.path.insert(0, str(REPO))
 
 SITECUSTOMIZE = '''
 import os, signal
@@ -54,13 +54,13 @@ if _out:
 # (stage, file suffix, function name): cumulative time of our functions on the request path. They do not call
 # each other, so their cumulative times add up.
 NAMED_STAGES = [
-    ("multipart parsing (Starlette form + python-multipart)", "service/http_front.py", "read_multipart_upload"),
+    ("multipart parsing (Starlette form + python-multipart)", "service/parsing.py", "read_multipart_upload"),
     ("PNG decode (Pillow)", "service/images.py", "decode_image"),
     ("fit to the input spec (mode, polarity, resize, pad)", "service/images.py", "fit_to_input_spec"),
     ("OOD score of the embedding", "service/ood.py", "answers_off_loop_if_large"),
     ("answer: top-k dict", "service/classify.py", "classification_answer"),
     ("JSON encoding (JSONResponse.render)", "starlette/responses.py", "render"),
-    ("request parameters", "service/http_front.py", "parse_params"),
+    ("request parameters", "service/parsing.py", "parse_params"),
 ]
 # The rest by where the code lives (exclusive time), first match wins.
 FILE_STAGES = [
@@ -204,13 +204,14 @@ def markdown_report(results: dict) -> str:
     lines += [f"| `{name}` | {ms:.3f} |" for name, ms in results["top_functions"]]
     lines += ["", "The remaining time between the loop's busy time and the client's wall time is the model run in "
               "the executor thread, the thread hand-offs' latency, the kernel's loopback TCP and the client itself. "
-              "Written by benchmarks/profile_classify.py.", ""]
+              "Written by `python -m benchmarks.profile_classify`.", ""]
     return "\n".join(lines)
 
 
 def main(args: argparse.Namespace) -> dict:
-    from benchmarks.bench_serve import png as png_bytes, start_server, stop_server, test_images
-    from benchmarks.performance import git_commit, load_average, processor_name
+    from loadtests.machine import git_commit, load_average, processor_name
+    from loadtests.payloads import fashion_test_images, png as png_bytes
+    from loadtests.server import models_folder_environment, running_server
 
     model_dir = Path(args.model)
     workdir = Path(tempfile.mkdtemp(prefix="profile-classify-"))
@@ -219,16 +220,16 @@ def main(args: argparse.Namespace) -> dict:
     (workdir / "prof").mkdir()
     (workdir / "models").mkdir()
     (workdir / "models" / model_dir.name).symlink_to(model_dir.resolve())
-    image = test_images(1, args.seed)[0]
+    image = fashion_test_images(1, args.seed)[0]
     png = png_bytes(image)
     raw_ms = raw_run_ms(model_dir / "model.onnx", image)
     env = {"VISIONSERVE_WORKERS": "1", "PYTHONPATH": str(workdir / "site"),
            "VISIONSERVE_CPROFILE_DIR": str(workdir / "prof")}
-    process, url = start_server(env, str(workdir / "models"), workdir / "server.log")
-    try:
+    with running_server(models_folder_environment(workdir / "models", env), workdir / "server.log") as server:
         import psutil
 
-        pid = worker_pid(process.pid)
+        url = server.url
+        pid = worker_pid(server.process.pid)
         sequential(url, png, 200)  # warm-up
         worker = psutil.Process(pid)
         cpu_before = sum(worker.cpu_times()[:2])
@@ -242,15 +243,13 @@ def main(args: argparse.Namespace) -> dict:
         while not (workdir / "prof" / f"{pid}.prof").exists() and time.monotonic() < deadline:
             time.sleep(0.2)
         time.sleep(1.0)  # dump_stats writes in one go; let it finish
-    finally:
-        stop_server(process)
     stats = pstats.Stats(str(workdir / "prof" / f"{pid}.prof"))
     seconds, busy = stage_shares(stats)
     top = sorted(((f"{Path(f).name}:{line}({name})" if f != "~" else name, tt)
                   for (f, line, name), (_cc, _nc, tt, _ct, _c) in stats.stats.items() if name not in IDLE),
                  key=lambda kv: -kv[1])[:15]
     n = args.requests
-    results = {"command": " ".join(["benchmarks/profile_classify.py", *sys.argv[1:]]),
+    results = {"command": " ".join(["python -m benchmarks.profile_classify", *sys.argv[1:]]),
                "started": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()), "commit": git_commit(),
                "processor": processor_name(), "load_average": load_average(), "requests": n, "png_bytes": len(png),
                "wall_ms_unprofiled": statistics.median(unprofiled) * 1000,
@@ -258,11 +257,7 @@ def main(args: argparse.Namespace) -> dict:
                "busy_ms_per_request": busy / n * 1000, "worker_cpu_ms_unprofiled": worker_cpu_s / n * 1000,
                "stages_ms": {stage: s / n * 1000 for stage, s in seconds.items()},
                "top_functions": [(name, tt / n * 1000) for name, tt in top]}
-    if not args.dry_run:
-        out = Path(args.out)
-        (out / "profile.json").write_text(json.dumps(results, indent=2) + "\n")
-        (out / "profile.md").write_text(markdown_report(results))
-    print(markdown_report(results))
+    write_results(args.out, "profile", results, markdown_report(results), args.dry_run)
     return results
 
 

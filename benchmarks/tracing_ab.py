@@ -1,26 +1,24 @@
 """BentoML's OpenTelemetry middleware on against off (VISIONSERVE_TRACING): two CNN servers side by side, one
 sequential client alternating single-PNG /classify requests between them, medians in one run.
 
-    .venv/bin/python benchmarks/tracing_ab.py --requests 1200     (the figure in docs/SERVING.md)
+    .venv/bin/python -m benchmarks.tracing_ab --requests 1200     (the figure in docs/SERVING.md)
 """
 
 from __future__ import annotations
 
 import argparse
-import io
+import contextlib
 import shutil
 import statistics
-import sys
 import tempfile
 import time
 from pathlib import Path
 
 import httpx
-from PIL import Image
 
-sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
-from benchmarks.bench_serve import start_server, stop_server  # noqa: E402
-from formats.idx import FASHION_MNIST_DIR, find_idx, read_idx  # noqa: E402
+from formats.idx import FASHION_MNIST_DIR, find_idx, read_idx
+from loadtests.payloads import png
+from loadtests.server import models_folder_environment, running_server
 
 REPO = Path(__file__).resolve().parent.parent
 
@@ -31,23 +29,20 @@ def main() -> None:
     args = p.parse_args()
     work = Path(tempfile.mkdtemp(prefix="tracing-ab-"))
     shutil.copytree(REPO / "models" / "cnn", work / "models" / "cnn")
-    servers = {mode: start_server({"VISIONSERVE_TRACING": mode, "VISIONSERVE_WORKERS": "1"}, str(work / "models"),
-                                  work / f"{mode}.log") for mode in ("on", "off")}
     image = read_idx(find_idx(FASHION_MNIST_DIR, "t10k-images-idx3-ubyte"))[0]
-    buffer = io.BytesIO()
-    Image.fromarray(image).save(buffer, "PNG")
-    files = {"images": ("image.png", buffer.getvalue(), "image/png")}
-    seconds: dict[str, list[float]] = {mode: [] for mode in servers}
-    try:
+    files = {"images": ("image.png", png(image), "image/png")}
+    seconds: dict[str, list[float]] = {"on": [], "off": []}
+    with contextlib.ExitStack() as servers:
+        urls = {}
+        for mode in seconds:
+            env = models_folder_environment(work / "models", {"VISIONSERVE_TRACING": mode, "VISIONSERVE_WORKERS": "1"})
+            urls[mode] = servers.enter_context(running_server(env, work / f"{mode}.log")).url
         with httpx.Client() as client:
             for _ in range(args.requests):
-                for mode, (_, url) in servers.items():
+                for mode, url in urls.items():
                     started = time.perf_counter()
                     client.post(url + "/classify", files=files).raise_for_status()
                     seconds[mode].append(time.perf_counter() - started)
-    finally:
-        for process, _ in servers.values():
-            stop_server(process)
     medians = {mode: statistics.median(values[100:]) * 1e3 for mode, values in seconds.items()}
     print(f"median ms, {args.requests - 100} requests each: on {medians['on']:.2f}, off {medians['off']:.2f}, "
           f"off/on {medians['off'] / medians['on']:.2f}")

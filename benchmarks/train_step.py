@@ -1,6 +1,6 @@
 """Training-step speed of each released architecture, NCHW against channels_last, on this machine.
 
-    python benchmarks/train_step.py --out benchmarks/results            # or: make bench-train
+    python -m benchmarks.train_step --out benchmarks/results            # or: make bench-train
 
 One step is what the training loops do per batch: forward, cross-entropy, backward, optimiser step, on
 random data of the release recipe's batch shape. Both memory formats are measured in one run, alternating,
@@ -20,7 +20,7 @@ import torch
 import torch.nn.functional as F
 
 from training.models import build_classifier, build_segmenter
-from training.train import hardware_description
+from training.common import hardware_description
 
 # (name, builder, input shape, number of classes, target shape): the release recipes' batch shapes.
 CASES = {
@@ -65,7 +65,7 @@ def measure(name: str, steps: int, rounds: int) -> dict:
 
 
 def markdown(results: list[dict], hardware: str) -> str:
-    lines = [f"Measured by `python benchmarks/train_step.py` on {hardware}: median seconds per training step "
+    lines = [f"Measured by `python -m benchmarks.train_step` on {hardware}: median seconds per training step "
              "(forward, loss, backward, SGD step), fp32, both formats alternating in one run.", "",
              "| model | batch | NCHW | channels_last | speed-up |", "|---|---|---:|---:|---:|"]
     for r in results:

@@ -10,6 +10,7 @@ from __future__ import annotations
 import functools
 import io
 from dataclasses import dataclass
+from pathlib import Path
 
 import numpy as np
 from PIL import Image
@@ -82,6 +83,12 @@ def build_payloads(seed: int = 0, variants: int = 32) -> Payloads:
         tensor_batches=[npy(batch[:, None]) for batch in batches],
         scenes=[multipart_files("image", [png(compose_scene(items, rng))]) for items in scene_items],
     )
+
+
+def single_png_bodies(images_npy: str | Path) -> list[bytes]:
+    """One multipart body (one PNG in `images`) per image of a uint8 [N, 28, 28] .npy file: what the
+    single-image Locust users of the benchmarks and hardening runs send, built before the load starts."""
+    return [multipart_files("images", [png(image)]) for image in np.load(images_npy)]
 
 
 @functools.cache

@@ -1,6 +1,6 @@
 """Overload in small: a server with a tiny queue bound under a burst of concurrent requests sheds cleanly.
 
-`make overload` (benchmarks/overload.py) measures the same at 3x capacity for a minute; this is its CI check:
+`make overload` (loadtests/overload.py) measures the same at 3x capacity for a minute; this is its CI check:
 every answer is a 200 or a 503 with Retry-After in our error shape, the server stays ready, and it answers
 normally right after the burst.
 """

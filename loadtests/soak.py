@@ -1,43 +1,37 @@
 """Soak: POST /classify at about 70% of the measured capacity for 10 minutes; no errors, no memory growth.
 
 One server (shipped defaults), --users Locust users each paced at (fraction x capacity / users) requests per
-second (benchmarks/locust_overload.py records every answer). Every --sample-seconds the resident memory (RSS,
+second (loadtests/locust_overload.py records every answer). Every --sample-seconds the resident memory (RSS,
 psutil) of the `bentoml serve` process and of each worker is sampled. Passes when every request is a 200 and
 each worker's RSS grew at most --max-growth (5%) from the end of the warm-up (--warmup-seconds, the first
 minute) to the end of the run (medians of the samples in the 30 s after warm-up and the last 30 s, so one
 garbage-collection cycle does not decide). Writes reports/soak/<UTC stamp>/{report.json, report.md, rss.png}.
 
-    .venv/bin/python benchmarks/soak.py                                    # make soak
-    .venv/bin/python benchmarks/soak.py --seconds 300 --pause-pids 20161 28617
-    .venv/bin/python benchmarks/soak.py --seconds 20 --warmup-seconds 5    # a quick try
+    .venv/bin/python -m loadtests.soak                                    # make soak
+    .venv/bin/python -m loadtests.soak --seconds 300 --pause-pids 20161 28617
+    .venv/bin/python -m loadtests.soak --seconds 20 --warmup-seconds 5    # a quick try
 """
 
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import sys
 import time
 from pathlib import Path
 
-REPO = Path(__file__).resolve().parent.parent
-sys.path.insert(0, str(REPO))
+import numpy as np
+import psutil
 
-import numpy as np  # noqa: E402
-import psutil  # noqa: E402
-
-from benchmarks.bench_serve import start_server, stop_server  # noqa: E402
-from benchmarks.overload import (machine, per_second, percentile, read_records, readyz, server_env,  # noqa: E402
-                                 stamp, start_locust, status_mix, worker_processes, write_images)
-from benchmarks.performance import paused  # noqa: E402
+from loadtests.hardening import (argument_parser, checks_table, machine_line, measure_paused, per_second, percentile,
+    read_records, save_figure, server_settings, start_locust, status_mix, timeline_figure, write_images, write_report)
+from loadtests.server import models_folder_environment, readyz, running_server, worker_processes
 
 WINDOW_S = 30  # RSS is compared as medians over this many seconds
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--models", default="models")
+    parser = argument_parser(__doc__, "soak")
     parser.add_argument("--capacity", type=float, default=float(os.environ.get("CAPACITY", 420)))
     parser.add_argument("--fraction", type=float, default=0.7)
     parser.add_argument("--seconds", type=int, default=600, help="make soak SOAK_SECONDS=...")
@@ -45,9 +39,6 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--users", type=int, default=32)
     parser.add_argument("--sample-seconds", type=float, default=5.0)
     parser.add_argument("--max-growth", type=float, default=0.05)
-    parser.add_argument("--workers", type=int, default=1)
-    parser.add_argument("--pause-pids", type=int, nargs="*", default=[])
-    parser.add_argument("--out", default=None, help="default reports/soak/<UTC stamp>")
     return parser.parse_args(argv)
 
 
@@ -60,23 +51,20 @@ def rss_mib(process: psutil.Process) -> float | None:
 
 def measure(args: argparse.Namespace, out: Path) -> dict:
     images_npy = write_images(out)
-    env = server_env(None, args.workers)
-    server, url = start_server(env, args.models, out / "server.log")
+    settings = server_settings(None, args.workers)
     samples: list[dict] = []
-    try:
-        watched = {"server": psutil.Process(server.pid)}
-        watched.update({f"worker {p.pid}": p for p in worker_processes(server.pid)})
+    with running_server(models_folder_environment(args.models, settings), out / "server.log") as server:
+        watched = {"server": psutil.Process(server.process.pid)}
+        watched.update({f"worker {p.pid}": p for p in worker_processes(server.process.pid)})
         rate = args.fraction * args.capacity / args.users
-        locust = start_locust(url, args.users, args.seconds + 3, "soak", out, images_npy, user_rate=rate)
+        locust = start_locust(server.url, args.users, args.seconds + 3, "soak", out, images_npy, user_rate=rate)
         started = time.time()
         while locust.poll() is None:
             samples.append({"t": round(time.time() - started, 1),
                             **{name: rss_mib(p) for name, p in watched.items()}})
             time.sleep(args.sample_seconds)
-        ready_after, alive = readyz(url), server.poll() is None
-    finally:
-        stop_server(server)
-    return {"env": env, "samples": samples, "watched": list(watched), "ready_after": ready_after,
+        ready_after, alive = readyz(server.url), server.process.poll() is None
+    return {"env": settings, "samples": samples, "watched": list(watched), "ready_after": ready_after,
             "server_alive": alive, "started": started, "per_user_rate": rate}
 
 
@@ -92,31 +80,20 @@ def growth(samples: list[dict], name: str, warmup_s: float) -> dict:
 
 
 def plot(report: dict, path: Path) -> None:
-    import matplotlib
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
     samples = report["samples"]
-    fig, axis = plt.subplots(figsize=(9, 4))
+    figure, axis = timeline_figure("Resident memory under the soak load", "RSS, MiB")
     for name in report["watched"]:
         axis.plot([s["t"] for s in samples], [s[name] for s in samples], label=name)
     axis.axvline(report["arguments"]["warmup_seconds"], color="grey", linestyle=":", label="end of warm-up")
-    axis.set_xlabel("seconds")
-    axis.set_ylabel("RSS, MiB")
-    axis.set_title("Resident memory under the soak load")
-    axis.grid(alpha=0.3)
     axis.legend(fontsize=8)
-    fig.tight_layout()
-    fig.savefig(path, dpi=100)
-    plt.close(fig)
+    save_figure(figure, path)
 
 
 def markdown(report: dict) -> str:
     a, r = report["arguments"], report["result"]
     lines = [f"# Soak: POST /classify at {a['fraction']:.0%} of capacity for {a['seconds']} s", "",
-             f"{report['machine']['cpus']} CPUs ({report['machine']['processor']}), commit "
-             f"{report['machine']['commit']}, paused PIDs {report['paused_pids'] or 'none'}. Server: "
-             f"{report['server_env']}, models `{a['models']}`. Command: `{report['command']}`.", "",
+             f"{machine_line(report)} Server: {report['server_env']}, models `{a['models']}`. "
+             f"Command: `{report['command']}`.", "",
              f"{a['users']} users, each paced at {report['per_user_rate']:.2f} req/s (target "
              f"{a['fraction'] * a['capacity']:.0f} req/s); RSS sampled every {a['sample_seconds']:g} s.", "",
              "| figure | value |", "|---|---:|",
@@ -130,17 +107,13 @@ def markdown(report: dict) -> str:
              "|---|---:|---:|---:|---:|---:|",
              *[f"| {name} | {g['rss_start_mib']} | {g['rss_after_warmup_mib']} | {g['rss_end_mib']} | "
                f"{g['rss_max_mib']} | {g['growth_after_warmup']:+.2%} |" for name, g in r["rss"].items()], "",
-             "| check | passed |", "|---|---|",
-             *[f"| {name} | {'yes' if ok else '**no**'} |" for name, ok in r["checks"].items()], "",
+             *checks_table(r["checks"]), "",
              "![RSS over time](rss.png)", ""]
     return "\n".join(lines)
 
 
 def main(args: argparse.Namespace) -> dict:
-    out = Path(args.out) if args.out else REPO / "reports" / "soak" / stamp()
-    out.mkdir(parents=True, exist_ok=True)
-    with paused(args.pause_pids) as stopped:
-        run = measure(args, out)
+    out, run, header = measure_paused(args, "soak", measure)
     records = read_records(out, "soak")
     span = records[-1, 0] - records[0, 0] if len(records) > 1 else 1.0
     errors = int((records[:, 1] != 200).sum())
@@ -156,15 +129,11 @@ def main(args: argparse.Namespace) -> dict:
               "ready_after": run["ready_after"], "server_alive": run["server_alive"],
               "per_second": per_second(records, records[0, 0], int(span)), "checks": checks,
               "passed": all(checks.values())}
-    report = {"arguments": vars(args), "command": " ".join(["benchmarks/soak.py", *sys.argv[1:]]),
-              "machine": machine(), "paused_pids": stopped, "server_env": run["env"],
+    report = {**header, "server_env": run["env"],
               "per_user_rate": run["per_user_rate"], "watched": run["watched"], "samples": run["samples"],
               "result": result}
-    (out / "report.json").write_text(json.dumps(report, indent=2, default=str))
     plot(report, out / "rss.png")
-    (out / "report.md").write_text(markdown(report))
-    print(markdown(report))
-    print(f"soak: report in {out}", file=sys.stderr)
+    write_report(out, "soak", report, markdown(report))
     return report
 
 

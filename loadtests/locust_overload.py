@@ -1,12 +1,14 @@
-"""Locust user for overload.py, soak.py and faults.py: one Fashion-MNIST PNG per POST /classify, every answer
-recorded with its time, status, latency and Retry-After header.
+"""Locust user for the hardening runs (loadtests/overload.py, soak.py, faults.py): one Fashion-MNIST PNG per
+POST /classify, every answer recorded with its time, status, latency and Retry-After header.
 
 Each process writes its own `OVERLOAD_RECORD_PREFIX.<label>.<pid>.csv` when it quits, so that a run with
 several Locust processes (`--processes N`) is still one timeline. Locust's own statistics cannot say which
 503s carried a Retry-After or give p99 per second for accepted requests only; the CSV can.
 
+Run from the repository root (the locustfile imports loadtests.payloads):
+
   BENCH_IMAGES_NPY=/tmp/images.npy OVERLOAD_RECORD_PREFIX=/tmp/o/requests OVERLOAD_LABEL=burst \
-      .venv/bin/locust -f benchmarks/locust_overload.py --headless -u 200 -r 200 -t 60s -H http://127.0.0.1:3000
+      .venv/bin/locust -f loadtests/locust_overload.py --headless -u 200 -r 200 -t 60s -H http://127.0.0.1:3000
 
 OVERLOAD_WAIT_S sets a constant pause between one user's requests (default 0: a saturating closed loop);
 OVERLOAD_USER_RATE paces each user at that many requests per second instead.
@@ -21,9 +23,9 @@ import time
 
 from locust import FastHttpUser, constant, constant_throughput, events, task
 
-from locust_single_image import BOUNDARY, load_bodies
+from loadtests.payloads import MULTIPART_CONTENT_TYPE, single_png_bodies
 
-BODIES = itertools.cycle(load_bodies())
+BODIES = itertools.cycle(single_png_bodies(os.environ["BENCH_IMAGES_NPY"]))
 LABEL = os.environ.get("OVERLOAD_LABEL", "load")
 RECORDS: list[tuple[float, int, float, str]] = []  # (end time, status, ms, Retry-After or "")
 
@@ -37,7 +39,7 @@ class OverloadClient(FastHttpUser):
     def classify_one_png(self) -> None:
         started = time.perf_counter()
         with self.client.post("/classify", data=next(BODIES), name="/classify 1 png", catch_response=True,
-                              headers={"Content-Type": f"multipart/form-data; boundary={BOUNDARY}"}) as response:
+                              headers={"Content-Type": MULTIPART_CONTENT_TYPE}) as response:
             elapsed_ms = (time.perf_counter() - started) * 1000
             status = response.status_code or 0  # 0: no answer (connection refused or reset)
             RECORDS.append((time.time(), status, elapsed_ms, response.headers.get("Retry-After") or ""

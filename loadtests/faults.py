@@ -1,21 +1,20 @@
 """Faults: `kill -9` of a BentoML worker under load; how long until the service answers again, and what fails.
 
 One server (shipped defaults, `bentoml serve` outside a container), a light /classify load (--users users
-paced at --user-rate req/s each, benchmarks/locust_overload.py records every answer) and /readyz polled every
+paced at --user-rate req/s each, loadtests/locust_overload.py records every answer) and /readyz polled every
 0.1 s. After --before-seconds, one worker gets SIGKILL. Measured from the kill: whether a new worker process
-appears (BentoML's process supervisor, circus, respawns outside containers; GUIDE says it does not in one),
+appears (BentoML's process supervisor, circus, respawns outside containers; docs/ARCHITECTURE.md says it does not in one),
 the time to its first 200 from the load and from /readyz, and every request that did not get a 200 in
 between, by status (0: no answer, connection refused or reset). Writes reports/faults/<UTC stamp>/
 {report.json, report.md, faults.png}; exit status 1 when the service does not answer within --after-seconds.
 
-    .venv/bin/python benchmarks/faults.py                                  # make faults
-    .venv/bin/python benchmarks/faults.py --pause-pids 20161 28617
+    .venv/bin/python -m loadtests.faults                                  # make faults
+    .venv/bin/python -m loadtests.faults --pause-pids 20161 28617
 """
 
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import signal
 import sys
@@ -23,28 +22,20 @@ import threading
 import time
 from pathlib import Path
 
-REPO = Path(__file__).resolve().parent.parent
-sys.path.insert(0, str(REPO))
+import httpx
+import numpy as np
 
-import httpx  # noqa: E402
-import numpy as np  # noqa: E402
-
-from benchmarks.bench_serve import start_server, stop_server  # noqa: E402
-from benchmarks.overload import (machine, per_second, read_records, server_env, stamp, start_locust,  # noqa: E402
-                                 status_mix, worker_processes, write_images)
-from benchmarks.performance import paused  # noqa: E402
+from loadtests.hardening import (argument_parser, machine_line, measure_paused, per_second, read_records, save_figure,
+    server_settings, start_locust, status_mix, timeline_figure, write_images, write_report)
+from loadtests.server import models_folder_environment, running_server, worker_processes
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--models", default="models")
+    parser = argument_parser(__doc__, "faults")
     parser.add_argument("--users", type=int, default=16)
     parser.add_argument("--user-rate", type=float, default=10.0, help="requests per second per user")
     parser.add_argument("--before-seconds", type=int, default=10)
     parser.add_argument("--after-seconds", type=int, default=40)
-    parser.add_argument("--workers", type=int, default=1)
-    parser.add_argument("--pause-pids", type=int, nargs="*", default=[])
-    parser.add_argument("--out", default=None, help="default reports/faults/<UTC stamp>")
     return parser.parse_args(argv)
 
 
@@ -61,33 +52,33 @@ def poll_readyz(url: str, stop: threading.Event, into: list[tuple[float, int]]) 
 
 def measure(args: argparse.Namespace, out: Path) -> dict:
     images_npy = write_images(out)
-    env = server_env(None, args.workers)
-    server, url = start_server(env, args.models, out / "server.log")
+    settings = server_settings(None, args.workers)
     readiness: list[tuple[float, int]] = []
     stop = threading.Event()
-    poller = threading.Thread(target=poll_readyz, args=(url, stop, readiness), daemon=True)
-    try:
-        workers_before = [p.pid for p in worker_processes(server.pid)]
-        locust = start_locust(url, args.users, args.before_seconds + args.after_seconds + 3, "faults", out,
-                              images_npy, user_rate=args.user_rate)
-        poller.start()
-        time.sleep(args.before_seconds + 3)
-        victim = workers_before[0]
-        killed_at = time.time()
-        os.kill(victim, signal.SIGKILL)
-        respawned_at, workers_after = None, []
-        while time.time() < killed_at + args.after_seconds:
-            workers_after = [p.pid for p in worker_processes(server.pid) if p.pid not in workers_before]
-            if workers_after and respawned_at is None:
-                respawned_at = time.time()
-            time.sleep(0.1)
-        locust.wait(timeout=60)
-        server_alive = server.poll() is None
-    finally:
-        stop.set()
-        poller.join(timeout=5)
-        stop_server(server)
-    return {"env": env, "workers_before": workers_before, "victim": victim, "killed_at": killed_at,
+    with running_server(models_folder_environment(args.models, settings), out / "server.log") as server:
+        poller = threading.Thread(target=poll_readyz, args=(server.url, stop, readiness), daemon=True)
+        try:
+            workers_before = [p.pid for p in worker_processes(server.process.pid)]
+            locust = start_locust(server.url, args.users, args.before_seconds + args.after_seconds + 3, "faults",
+                                  out, images_npy, user_rate=args.user_rate)
+            poller.start()
+            time.sleep(args.before_seconds + 3)
+            victim = workers_before[0]
+            killed_at = time.time()
+            os.kill(victim, signal.SIGKILL)
+            respawned_at, workers_after = None, []
+            while time.time() < killed_at + args.after_seconds:
+                workers_after = [p.pid for p in worker_processes(server.process.pid) if p.pid not in workers_before]
+                if workers_after and respawned_at is None:
+                    respawned_at = time.time()
+                time.sleep(0.1)
+            locust.wait(timeout=60)
+            server_alive = server.process.poll() is None
+        finally:
+            stop.set()
+            if poller.is_alive():
+                poller.join(timeout=5)
+    return {"env": settings, "workers_before": workers_before, "victim": victim, "killed_at": killed_at,
             "new_workers": workers_after, "respawned_at": respawned_at, "readiness": readiness,
             "server_alive": server_alive}
 
@@ -124,32 +115,21 @@ def analyse(run: dict, records: np.ndarray) -> dict:
 
 
 def plot(records: np.ndarray, run: dict, path: Path) -> None:
-    import matplotlib
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
     t0 = records[0, 0]
     bins = per_second(records, t0, int(np.ceil(records[-1, 0] - t0)))
-    fig, axis = plt.subplots(figsize=(9, 4))
+    figure, axis = timeline_figure("POST /classify while a worker is killed", "req/s")
     axis.plot([b["t"] + 0.5 for b in bins], [b["ok"] for b in bins], label="200 req/s")
     axis.plot([b["t"] + 0.5 for b in bins], [b["answered"] - b["ok"] for b in bins], label="not 200 req/s")
     axis.axvline(run["killed_at"] - t0, color="red", linestyle=":", label="kill -9 worker")
-    axis.set_xlabel("seconds")
-    axis.set_ylabel("req/s")
-    axis.set_title("POST /classify while a worker is killed")
-    axis.grid(alpha=0.3)
     axis.legend(fontsize=8)
-    fig.tight_layout()
-    fig.savefig(path, dpi=100)
-    plt.close(fig)
+    save_figure(figure, path)
 
 
 def markdown(report: dict) -> str:
     a, r = report["arguments"], report["result"]
     return "\n".join([
         "# Faults: kill -9 of a BentoML worker under load", "",
-        f"{report['machine']['cpus']} CPUs ({report['machine']['processor']}), commit {report['machine']['commit']}, "
-        f"paused PIDs {report['paused_pids'] or 'none'}. Server: `bentoml serve` (no container), {report['server_env']}, "
+        f"{machine_line(report)} Server: `bentoml serve` (no container), {report['server_env']}, "
         f"models `{a['models']}`. Load: {a['users']} users at {a['user_rate']:g} req/s each on POST /classify. "
         f"Command: `{report['command']}`.", "",
         "| figure | value |", "|---|---:|",
@@ -170,20 +150,13 @@ def markdown(report: dict) -> str:
 
 
 def main(args: argparse.Namespace) -> dict:
-    out = Path(args.out) if args.out else REPO / "reports" / "faults" / stamp()
-    out.mkdir(parents=True, exist_ok=True)
-    with paused(args.pause_pids) as stopped:
-        run = measure(args, out)
+    out, run, header = measure_paused(args, "faults", measure)
     records = read_records(out, "faults")
     result = analyse(run, records)
-    report = {"arguments": vars(args), "command": " ".join(["benchmarks/faults.py", *sys.argv[1:]]),
-              "machine": machine(), "paused_pids": stopped, "server_env": run["env"], "result": result,
+    report = {**header, "server_env": run["env"], "result": result,
               "passed": result["first_200_after_s"] is not None}
-    (out / "report.json").write_text(json.dumps(report, indent=2, default=str))
     plot(records, run, out / "faults.png")
-    (out / "report.md").write_text(markdown(report))
-    print(markdown(report))
-    print(f"faults: report in {out}", file=sys.stderr)
+    write_report(out, "faults", report, markdown(report))
     return report
 
 

@@ -1,7 +1,7 @@
 """Overload: offer about 3x the measured /classify capacity and check that the server sheds load cleanly.
 
 One server (shipped defaults except --max-queued-images), one timeline of three phases, each request recorded
-by benchmarks/locust_overload.py:
+by loadtests/locust_overload.py:
 1. light load alone (--light-users closed-loop users) for --baseline-seconds: the normal throughput;
 2. the same light load plus a burst of --burst-users users in --burst-processes Locust processes with no wait
    between requests, for --seconds (CAPACITY x 3 is the rate the burst aims at);
@@ -12,9 +12,9 @@ Passes when every answer is a 200 or a 503/429 carrying Retry-After, /readyz sti
 the p99 of accepted (200) requests during the burst is within --p99-bound-ms, and recovery takes at most 5 s.
 Writes reports/overload/<UTC stamp>/{report.json, report.md, overload.png}; exit status 1 when a check fails.
 
-    .venv/bin/python benchmarks/overload.py                          # make overload
-    .venv/bin/python benchmarks/overload.py --seconds 60 --pause-pids 20161 28617
-    .venv/bin/python benchmarks/overload.py --seconds 5 --baseline-seconds 3 --after-seconds 5   # a quick try
+    .venv/bin/python -m loadtests.overload                          # make overload
+    .venv/bin/python -m loadtests.overload --seconds 60 --pause-pids 20161 28617
+    .venv/bin/python -m loadtests.overload --seconds 5 --baseline-seconds 3 --after-seconds 5   # a quick try
 
 The closed-loop burst offers what the client processes can send: on 2 cores shared with the server that can
 be less than 3x capacity; the report gives the rate really offered next to the target.
@@ -23,34 +23,22 @@ be less than 3x capacity; the report gives the rate really offered next to the t
 from __future__ import annotations
 
 import argparse
-import csv
-import json
 import os
-import subprocess
 import sys
 import time
-from datetime import datetime, timezone
 from pathlib import Path
 
-REPO = Path(__file__).resolve().parent.parent
-sys.path.insert(0, str(REPO))
+import numpy as np
 
-import httpx  # noqa: E402
-import numpy as np  # noqa: E402
-import psutil  # noqa: E402
+from loadtests.hardening import (SHED_STATUSES, argument_parser, checks_table, machine_line, measure_paused, per_second,
+    percentile, read_records, save_figure, server_settings, start_locust, status_mix, write_images, write_report)
+from loadtests.server import models_folder_environment, readyz, running_server
 
-from benchmarks.bench_serve import start_server, stop_server, test_images  # noqa: E402
-from benchmarks.performance import git_commit, load_average, paused, processor_name  # noqa: E402
-
-BIN = Path(sys.executable).parent
-LOCUSTFILE = REPO / "benchmarks" / "locust_overload.py"
-SHED_STATUSES = (429, 503)
 RECOVERY_FRACTION = 0.9  # "normal throughput": 90% of the light load's baseline median of 200s per second
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--models", default="models", help="VISIONSERVE_MODELS_DIR of the server")
+    parser = argument_parser(__doc__, "overload")
     parser.add_argument("--capacity", type=float, default=float(os.environ.get("CAPACITY", 420)),
                         help="measured /classify capacity, req/s (docs/PERFORMANCE.md); env CAPACITY")
     parser.add_argument("--factor", type=float, default=3.0, help="target offered rate = factor x capacity")
@@ -63,126 +51,28 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--burst-processes", type=int, default=2)
     parser.add_argument("--max-queued-images", type=int, default=int(os.environ.get("MAX_QUEUED_IMAGES", 64)),
                         help="VISIONSERVE_MAX_QUEUED_IMAGES for the run (the shipped default is 2048)")
-    parser.add_argument("--workers", type=int, default=1, help="VISIONSERVE_WORKERS")
     parser.add_argument("--p99-bound-ms", type=float, default=1000.0, help="p99 of accepted requests must stay under")
     parser.add_argument("--recovery-bound-s", type=float, default=5.0)
-    parser.add_argument("--pause-pids", type=int, nargs="*", default=[], help="SIGSTOP these while measuring")
-    parser.add_argument("--out", default=None, help="default reports/overload/<UTC stamp>")
     return parser.parse_args(argv)
-
-
-# --- shared by overload.py, soak.py and faults.py -------------------------------------------------------
-
-def stamp() -> str:
-    return datetime.now(timezone.utc).strftime("%Y%m%dT%H%M%SZ")
-
-
-def write_images(out: Path, count: int = 256) -> Path:
-    path = out / "images.npy"
-    np.save(path, test_images(count, seed=0))
-    return path
-
-
-def server_env(max_queued_images: int | None, workers: int) -> dict[str, str]:
-    env = {"VISIONSERVE_BATCHING": "on", "VISIONSERVE_WORKERS": str(workers)}
-    if max_queued_images is not None:
-        env["VISIONSERVE_MAX_QUEUED_IMAGES"] = str(max_queued_images)
-    return env
-
-
-def start_locust(url: str, users: int, seconds: int, label: str, out: Path, images_npy: Path,
-                 processes: int = 1, wait_s: float = 0.0, user_rate: float | None = None) -> subprocess.Popen:
-    command = [str(BIN / "locust"), "-f", str(LOCUSTFILE), "--headless", "-u", str(users), "-r", str(users),
-               "-t", f"{seconds}s", "-H", url, "--stop-timeout", "5", "--only-summary", "--loglevel", "WARNING"]
-    if processes > 1:
-        command += ["--processes", str(processes)]
-    env = {**os.environ, "BENCH_IMAGES_NPY": str(images_npy), "OVERLOAD_RECORD_PREFIX": str(out / "requests"),
-           "OVERLOAD_LABEL": label, "OVERLOAD_WAIT_S": str(wait_s),
-           "OVERLOAD_USER_RATE": str(user_rate or "")}
-    return subprocess.Popen(command, cwd=REPO, env=env, stdout=open(out / f"locust-{label}.log", "wb"),
-                            stderr=subprocess.STDOUT)
-
-
-def read_records(out: Path, label: str) -> np.ndarray:
-    """Every request of one label, sorted by end time: columns time, status, ms, has Retry-After."""
-    rows = []
-    for path in sorted(out.glob(f"requests.{label}.*.csv")):
-        with open(path) as handle:
-            for row in csv.DictReader(handle):
-                rows.append((float(row["time"]), int(row["status"]), float(row["ms"]), 1.0 if row["retry_after"] else 0.0))
-    records = np.array(rows, dtype=float).reshape(-1, 4)
-    return records[np.argsort(records[:, 0])]
-
-
-def status_mix(records: np.ndarray) -> dict[str, int]:
-    statuses, counts = np.unique(records[:, 1].astype(int), return_counts=True)
-    return {str(s): int(c) for s, c in zip(statuses, counts)}
-
-
-def per_second(records: np.ndarray, t0: float, seconds: int) -> list[dict]:
-    """For each whole second since t0: requests answered, 200s, shed, other, p99 of the 200s."""
-    bins = []
-    for i in range(seconds):
-        inside = records[(records[:, 0] >= t0 + i) & (records[:, 0] < t0 + i + 1)]
-        ok = inside[inside[:, 1] == 200]
-        shed = np.isin(inside[:, 1], SHED_STATUSES).sum()
-        bins.append({"t": i, "answered": int(len(inside)), "ok": int(len(ok)), "shed": int(shed),
-                     "other": int(len(inside) - len(ok) - shed),
-                     "p99_ok_ms": round(float(np.percentile(ok[:, 2], 99)), 1) if len(ok) else None})
-    return bins
-
-
-def percentile(values: np.ndarray, q: float) -> float | None:
-    return round(float(np.percentile(values, q)), 1) if len(values) else None
-
-
-def readyz(url: str) -> int | None:
-    try:
-        return httpx.get(url + "/readyz", timeout=5).status_code
-    except httpx.TransportError:
-        return None
-
-
-def worker_processes(server_pid: int) -> list[psutil.Process]:
-    """BentoML's worker processes under `bentoml serve` (their command line names the worker module)."""
-    try:
-        children = psutil.Process(server_pid).children(recursive=True)
-    except psutil.NoSuchProcess:
-        return []
-    workers = []
-    for child in children:
-        try:
-            if "worker" in " ".join(child.cmdline()):
-                workers.append(child)
-        except psutil.Error:
-            pass
-    return workers
-
-
-def machine() -> dict:
-    return {"cpus": os.cpu_count(), "processor": processor_name(), "load_average": load_average(),
-            "commit": git_commit()}
 
 
 # --- the overload run ------------------------------------------------------------------------------------
 
 def measure(args: argparse.Namespace, out: Path) -> dict:
     images_npy = write_images(out)
-    env = server_env(args.max_queued_images, args.workers)
-    process, url = start_server(env, args.models, out / "server.log")
-    try:
+    settings = server_settings(args.max_queued_images, args.workers)
+    with running_server(models_folder_environment(args.models, settings), out / "server.log") as server:
         total = args.baseline_seconds + args.seconds + args.after_seconds
-        light = start_locust(url, args.light_users, total + 3, "light", out, images_npy)
+        light = start_locust(server.url, args.light_users, total + 3, "light", out, images_npy)
         time.sleep(args.baseline_seconds + 3)  # Locust's start (imports, payloads) takes about 2 s
         burst_start = time.time()
-        burst = start_locust(url, args.burst_users, args.seconds, "burst", out, images_npy, args.burst_processes)
+        burst = start_locust(server.url, args.burst_users, args.seconds, "burst", out, images_npy,
+                             args.burst_processes)
         burst.wait(timeout=args.seconds + 60)
         light.wait(timeout=total + 60)
-        ready_after = readyz(url)
-        server_alive = process.poll() is None
-    finally:
-        stop_server(process)
-    return {"url_env": env, "ready_after": ready_after, "server_alive": server_alive,
+        ready_after = readyz(server.url)
+        server_alive = server.process.poll() is None
+    return {"url_env": settings, "ready_after": ready_after, "server_alive": server_alive,
             "burst_start": burst_start, "light_exit": light.returncode, "burst_exit": burst.returncode}
 
 
@@ -252,13 +142,12 @@ def analyse(args: argparse.Namespace, out: Path, run: dict) -> dict:
 
 
 def plot(result: dict, path: Path) -> None:
-    import matplotlib
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
+    from matplotlib.figure import Figure  # no pyplot: no global figure state, no GUI backend
 
     bins = result["timeline"]["all"]
     t = [b["t"] + 0.5 for b in bins]
-    fig, (top, bottom) = plt.subplots(2, 1, figsize=(9, 6), sharex=True)
+    figure = Figure(figsize=(9, 6))
+    top, bottom = figure.subplots(2, 1, sharex=True)
     top.plot(t, [b["answered"] for b in bins], label="answered (offered) req/s")
     top.plot(t, [b["ok"] for b in bins], label="200 req/s")
     top.plot(t, [b["shed"] for b in bins], label="503/429 req/s")
@@ -272,18 +161,14 @@ def plot(result: dict, path: Path) -> None:
         axis.axvspan(result["timeline"]["burst_start_s"], result["timeline"]["burst_end_s"], alpha=0.1, color="red")
         axis.grid(alpha=0.3)
     top.set_title("POST /classify under overload (shaded: burst)")
-    fig.tight_layout()
-    fig.savefig(path, dpi=100)
-    plt.close(fig)
+    save_figure(figure, path)
 
 
 def markdown(report: dict) -> str:
     r, a = report["result"], report["arguments"]
-    mark = {True: "yes", False: "**no**"}
     lines = [
         f"# Overload: POST /classify at {a['factor']:g}x capacity", "",
-        f"{report['machine']['cpus']} CPUs ({report['machine']['processor']}), commit {report['machine']['commit']}, "
-        f"paused PIDs {report['paused_pids'] or 'none'}. Server: {report['server_env']}, models `{a['models']}`. "
+        f"{machine_line(report)} Server: {report['server_env']}, models `{a['models']}`. "
         f"Command: `{report['command']}`.", "",
         f"Burst: {a['burst_users']} closed-loop users (no wait) in {a['burst_processes']} Locust processes for "
         f"{a['seconds']} s, on top of {a['light_users']} light-load users that run before, during and after.", "",
@@ -302,7 +187,7 @@ def markdown(report: dict) -> str:
         f"| light load after: 200s per second (median, from 6 s on) | {r['light_after_ok_per_s_median']:g} |",
         f"| recovery (burst end to light load back at 90% of its rate, only 200s) | {r['recovery_seconds']} s |",
         f"| server alive, /readyz afterwards | {r['server_alive']}, {r['ready_after']} |", "",
-        "| check | passed |", "|---|---|", *[f"| {name} | {mark[ok]} |" for name, ok in r["checks"].items()], "",
+        *checks_table(r["checks"]), "",
         "![req/s and p99 over time](overload.png)", ""]
     if r["offered_over_capacity"] < report["arguments"]["factor"]:
         lines += [f"The load generator reached {r['offered_over_capacity']:g}x capacity, not "
@@ -312,18 +197,11 @@ def markdown(report: dict) -> str:
 
 
 def main(args: argparse.Namespace) -> dict:
-    out = Path(args.out) if args.out else REPO / "reports" / "overload" / stamp()
-    out.mkdir(parents=True, exist_ok=True)
-    with paused(args.pause_pids) as stopped:
-        run = measure(args, out)
+    out, run, header = measure_paused(args, "overload", measure)
     result = analyse(args, out, run)
-    report = {"arguments": vars(args), "command": " ".join(["benchmarks/overload.py", *sys.argv[1:]]),
-              "machine": machine(), "paused_pids": stopped, "server_env": run["url_env"], "result": result}
-    (out / "report.json").write_text(json.dumps(report, indent=2, default=lambda o: o.item() if hasattr(o, "item") else str(o)))
+    report = {**header, "server_env": run["url_env"], "result": result}
     plot(result, out / "overload.png")
-    (out / "report.md").write_text(markdown(report))
-    print(markdown(report))
-    print(f"overload: report in {out}", file=sys.stderr)
+    write_report(out, "overload", report, markdown(report))
     return report
 
 

@@ -15,21 +15,10 @@ import pytest
 from PIL import Image
 
 from conftest import MODELS_DIR
+from helpers import npy, png
 from service.explain import contained_box, map_at_input_size, occluded_copies, occlusion_positions, resize_map
 
 STUDENT = "resnet-student"
-
-
-def png(array: np.ndarray) -> bytes:
-    buffer = io.BytesIO()
-    Image.fromarray(array).save(buffer, format="PNG")
-    return buffer.getvalue()
-
-
-def npy(array: np.ndarray) -> bytes:
-    buffer = io.BytesIO()
-    np.save(buffer, array)
-    return buffer.getvalue()
 
 
 def explain_tensor(url: str, image: np.ndarray, **params) -> dict:

@@ -19,6 +19,7 @@ import pytest
 from PIL import Image
 
 from conftest import MODELS_DIR, REPO
+from helpers import npy, png
 from service.onnx_models import ModelToServe
 from service.similarity import check_feature_files
 
@@ -26,18 +27,6 @@ pytestmark = pytest.mark.server
 INDEXED = [name for name in ("cnn", "mlp", "resnet", "resnet-student")
            if (MODELS_DIR / name / "card.json").is_file()
            and "similarity" in json.loads((MODELS_DIR / name / "card.json").read_text()).get("features", {})]
-
-
-def png(pixels_hw: np.ndarray) -> bytes:
-    buffer = io.BytesIO()
-    Image.fromarray(pixels_hw).save(buffer, format="PNG")
-    return buffer.getvalue()
-
-
-def npy(array: np.ndarray) -> bytes:
-    buffer = io.BytesIO()
-    np.save(buffer, array)
-    return buffer.getvalue()
 
 
 def reference_embedding(name: str, pixels: np.ndarray) -> np.ndarray:

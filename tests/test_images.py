@@ -7,12 +7,12 @@ Fashion-MNIST test images as PNG bytes, on the same images inverted, and on dark
 
 from __future__ import annotations
 
-import io
 
 import numpy as np
 import pytest
 from PIL import Image
 
+from helpers import png
 from service.images import InputSpec, background_is_light, decode_image, fit_to_input_spec, to_model_mode
 from training.data import load_dataset
 
@@ -23,12 +23,6 @@ SPEC = InputSpec(channels=1, height=28, width=28, padding_value=0, light_on_dark
 def test_split() -> tuple[np.ndarray, np.ndarray]:
     split = load_dataset("fashion-mnist", "test")
     return split.images.numpy()[:, 0], split.labels.numpy()
-
-
-def png(gray: np.ndarray) -> bytes:
-    buffer = io.BytesIO()
-    Image.fromarray(gray).save(buffer, format="PNG")
-    return buffer.getvalue()
 
 
 def fitted(gray: np.ndarray) -> tuple[np.ndarray, bool]:

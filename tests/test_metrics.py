@@ -3,7 +3,6 @@ classifiers, ready in about 6 s on 2 cores), and the request id in its access lo
 
 from __future__ import annotations
 
-import io
 import json
 import shutil
 import time
@@ -11,10 +10,10 @@ import time
 import httpx
 import numpy as np
 import pytest
-from PIL import Image
 from prometheus_client.parser import text_string_to_metric_families
 
 from conftest import MODELS_DIR, start_server, stop_server
+from helpers import png
 
 CPU = "CPUExecutionProvider"
 CALLS = {"cnn": (20, 1), "mlp": (6, 3)}  # model -> (requests, images per request)
@@ -32,12 +31,6 @@ def two_worker_server(tmp_path_factory):
     stop_server(running)
 
 
-def png(value: int) -> bytes:
-    buffer = io.BytesIO()
-    Image.fromarray(np.full((28, 28), value, np.uint8)).save(buffer, format="PNG")
-    return buffer.getvalue()
-
-
 def samples(text: str) -> dict[tuple[str, tuple], float]:
     """(sample name, sorted labels) -> value, for our metrics."""
     return {(s.name, tuple(sorted(s.labels.items()))): s.value for family in text_string_to_metric_families(text)
@@ -53,16 +46,17 @@ def test_per_model_counts_batches_and_provider_are_the_servers_across_two_worker
     scored, flagged = dict.fromkeys(CALLS, 0), dict.fromkeys(CALLS, 0)
     for model, (requests, images) in CALLS.items():
         for i in range(requests):  # a fresh connection each: the two workers share them
-            response = httpx.post(url + "/classify", files=[("images", (f"{k}.png", png(k), "image/png"))
-                                                            for k in range(images)],
+            uploads = [("images", (f"{k}.png", png(np.full((28, 28), k, np.uint8)), "image/png"))
+                       for k in range(images)]
+            response = httpx.post(url + "/classify", files=uploads,
                                   data={"model": model}, headers={"X-Request-ID": f"m-{model}-{i}"}, timeout=30)
             assert response.status_code == 200, response.text
             answers = [p.get("ood") for p in response.json()["predictions"]]
             scored[model] += sum(a is not None for a in answers)
             flagged[model] += sum(bool(a and a["flag"]) for a in answers)
-    assert httpx.post(url + "/classify", files={"images": ("a.png", png(0), "image/png")},
+    assert httpx.post(url + "/classify", files={"images": ("a.png", png(), "image/png")},
                       data={"model": "cnn", "top_k": "99"}, timeout=30).status_code == 422
-    assert httpx.post(url + "/classify", files={"images": ("a.png", png(0), "image/png")},
+    assert httpx.post(url + "/classify", files={"images": ("a.png", png(), "image/png")},
                       data={"model": "nonesuch"}, timeout=30).status_code == 404
 
     # Each worker's own batch counts, from GET /models on fresh connections until both have answered.

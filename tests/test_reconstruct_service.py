@@ -14,6 +14,7 @@ import pytest
 from PIL import Image
 
 from conftest import MODELS_DIR
+from helpers import npy, png
 
 pytestmark = pytest.mark.server
 AUTOENCODER = MODELS_DIR / "autoencoder"
@@ -27,28 +28,16 @@ def reference() -> ort.InferenceSession:
     return ort.InferenceSession(str(AUTOENCODER / "model.onnx"), providers=["CPUExecutionProvider"])
 
 
-def png_of(pixels_hw: np.ndarray) -> bytes:
-    buffer = io.BytesIO()
-    Image.fromarray(pixels_hw).save(buffer, format="PNG")
-    return buffer.getvalue()
-
-
-def decoded(png: bytes) -> np.ndarray:
-    image = Image.open(io.BytesIO(png))
+def decoded(data: bytes) -> np.ndarray:
+    image = Image.open(io.BytesIO(data))
     assert image.format == "PNG" and image.mode == "L"
     return np.asarray(image)
-
-
-def npy_of(array: np.ndarray) -> bytes:
-    buffer = io.BytesIO()
-    np.save(buffer, array)
-    return buffer.getvalue()
 
 
 def test_one_upload_answers_its_reconstruction_png(server_url, reference, fashion_test_images):
     images, _ = fashion_test_images
     pixels = images[:1]  # 28x28, dark background: the fit leaves it as it is
-    response = httpx.post(server_url + "/reconstruct", files=[("images", ("0.png", png_of(pixels[0, 0]), "image/png"))],
+    response = httpx.post(server_url + "/reconstruct", files=[("images", ("0.png", png(pixels[0, 0]), "image/png"))],
                           timeout=60)
     assert response.status_code == 200, response.text
     assert response.headers["content-type"] == "image/png"
@@ -61,7 +50,7 @@ def test_one_upload_answers_its_reconstruction_png(server_url, reference, fashio
 def test_tensor_batch_answers_json_equal_to_onnxruntime(server_url, reference, fashion_test_images):
     images, _ = fashion_test_images
     pixels = images[:6]
-    response = httpx.post(server_url + "/reconstruct/tensor", content=npy_of(pixels),
+    response = httpx.post(server_url + "/reconstruct/tensor", content=npy(pixels),
                           headers={"content-type": "application/octet-stream"}, timeout=60)
     assert response.status_code == 200, response.text
     answer = response.json()
@@ -75,7 +64,7 @@ def test_tensor_batch_answers_json_equal_to_onnxruntime(server_url, reference, f
 
 def test_base64_json_and_format_png(server_url, reference, fashion_test_images):
     images, _ = fashion_test_images
-    encoded = [base64.b64encode(png_of(image[0])).decode() for image in images[10:12]]
+    encoded = [base64.b64encode(png(image[0])).decode() for image in images[10:12]]
     response = httpx.post(server_url + "/reconstruct/json", json={"images": encoded}, timeout=60)
     assert response.status_code == 200, response.text
     errors = [item["error"] for item in response.json()["reconstructions"]]
@@ -83,16 +72,16 @@ def test_base64_json_and_format_png(server_url, reference, fashion_test_images):
     assert np.allclose(errors, want, atol=ERROR_TOLERANCE)
     one = httpx.post(server_url + "/reconstruct/json", json={"images": encoded[:1], "format": "json"}, timeout=60)
     assert one.status_code == 200 and len(one.json()["reconstructions"]) == 1  # JSON even for one image
-    png = httpx.post(server_url + "/reconstruct/tensor", params={"format": "png"}, content=npy_of(images[:1, 0]),
-                     timeout=60)  # [N, H, W] is taken for a one-channel model
-    assert png.status_code == 200 and png.headers["content-type"] == "image/png"
+    as_png = httpx.post(server_url + "/reconstruct/tensor", params={"format": "png"}, content=npy(images[:1, 0]),
+                        timeout=60)  # [N, H, W] is taken for a one-channel model
+    assert as_png.status_code == 200 and as_png.headers["content-type"] == "image/png"
 
 
 def test_inverted_image_scores_a_larger_error(server_url, fashion_test_images):
     """The error is an out-of-distribution score: a dark garment on white, sent as a tensor (not re-inverted)."""
     images, _ = fashion_test_images
     pixels = np.concatenate([images[:8], 255 - images[:8]])
-    answer = httpx.post(server_url + "/reconstruct/tensor", params={"format": "json"}, content=npy_of(pixels),
+    answer = httpx.post(server_url + "/reconstruct/tensor", params={"format": "json"}, content=npy(pixels),
                         timeout=60).json()
     errors = np.array([item["error"] for item in answer["reconstructions"]])
     assert errors[8:].min() > errors[:8].max()
@@ -118,8 +107,8 @@ def test_inverted_image_scores_a_larger_error(server_url, fashion_test_images):
 def test_client_mistakes_are_4xx_in_our_error_shape(server_url, reference, fashion_test_images, path, kwargs, status,
                                                     code):
     images, _ = fashion_test_images
-    stand_ins = {"PNG": png_of(images[0, 0]), "FLOAT": npy_of(images[:2].astype(np.float32)),
-                 "WRONG_SHAPE": npy_of(images[:2, :, :14])}
+    stand_ins = {"PNG": png(images[0, 0]), "FLOAT": npy(images[:2].astype(np.float32)),
+                 "WRONG_SHAPE": npy(images[:2, :, :14])}
     if "files" in kwargs:
         kwargs = {**kwargs, "files": [(f, (n, stand_ins.get(d, d) if isinstance(d, str) else d, t))
                                       for f, (n, d, t) in kwargs["files"]]}

@@ -3,24 +3,16 @@ error body, whichever layer answered (a route, the body-limit middleware, BentoM
 
 from __future__ import annotations
 
-import io
 import logging
 import re
 
 import httpx
-import numpy as np
 import pytest
-from PIL import Image
 
+from helpers import png
 from service.request_context import RequestIdInAccessLog, current_request_id, request_id_from
 
 GENERATED = re.compile(r"[0-9a-f]{32}")
-
-
-def png() -> bytes:
-    buffer = io.BytesIO()
-    Image.fromarray(np.zeros((28, 28), np.uint8)).save(buffer, format="PNG")
-    return buffer.getvalue()
 
 
 @pytest.mark.parametrize("sent, kept", [("abc-123_X.9", True), ("a" * 128, True), ("a" * 129, False),

@@ -17,17 +17,12 @@ import pytest
 from PIL import Image
 
 from conftest import start_server, stop_server
+from helpers import encode, png
 from service.images import InputSpec, decode_image, fit_to_input_spec
 
 pytestmark = pytest.mark.server
 TOLERANCE = 1e-5  # same graph, same provider: only thread-count rounding differs
 MODELS_DIR = Path(__file__).resolve().parent.parent / "models"
-
-
-def png_bytes(pixels_chw: np.ndarray) -> bytes:
-    buffer = io.BytesIO()
-    Image.fromarray(pixels_chw[0]).save(buffer, format="PNG")
-    return buffer.getvalue()
 
 
 @pytest.fixture(scope="session")
@@ -95,7 +90,7 @@ def test_bentoml_endpoints_keep_working(server_url):
 def test_png_predictions_equal_in_process_onnxruntime(server_url, available_models, reference_sessions,
                                                       fashion_test_images):
     images, labels = fashion_test_images
-    pngs = [png_bytes(image) for image in images[:64]]
+    pngs = [png(image[0]) for image in images[:64]]
     for name, description in available_models.items():
         answer = post_pngs(server_url, pngs, model=name, top_k=10)
         assert answer.status_code == 200, answer.text
@@ -113,7 +108,7 @@ def test_png_predictions_equal_in_process_onnxruntime(server_url, available_mode
 def test_multi_image_answers_keep_request_order(server_url, fashion_test_images, available_models):
     images, _ = fashion_test_images
     order = [5, 0, 3, 9, 1, 7]
-    pngs = [png_bytes(images[i]) for i in order]
+    pngs = [png(images[i][0]) for i in order]
     together = post_pngs(server_url, pngs, top_k=10).json()
     one_by_one = [post_pngs(server_url, [png], top_k=10).json()["predictions"][0] for png in pngs]
     assert [p["image"] for p in together["predictions"]] == list(range(len(order)))
@@ -125,14 +120,14 @@ def test_multi_image_answers_keep_request_order(server_url, fashion_test_images,
 
 def test_top_k_default_is_three_sorted_descending(server_url, fashion_test_images):
     images, _ = fashion_test_images
-    prediction = post_pngs(server_url, [png_bytes(images[0])]).json()["predictions"][0]
+    prediction = post_pngs(server_url, [png(images[0][0])]).json()["predictions"][0]
     probabilities = [e["probability"] for e in prediction["top_k"]]
     assert len(probabilities) == 3 and probabilities == sorted(probabilities, reverse=True)
 
 
 def test_base64_and_tensor_paths_agree_with_multipart(server_url, fashion_test_images, available_models):
     images, _ = fashion_test_images
-    pngs = [png_bytes(image) for image in images[:8]]
+    pngs = [png(image[0]) for image in images[:8]]
     for name in available_models:
         multipart = post_pngs(server_url, pngs, model=name, top_k=10).json()
         as_json = httpx.post(server_url + "/classify/json", timeout=30, json={
@@ -158,7 +153,7 @@ def test_200_concurrent_requests_each_get_their_own_answer(server_url, fashion_t
                                                            reference_sessions):
     images, _ = fashion_test_images
     name = httpx.get(server_url + "/models", timeout=10).json()["default"]["classification"]
-    pngs = [png_bytes(image) for image in images[:200]]
+    pngs = [png(image[0]) for image in images[:200]]
     expected = reference_probabilities(reference_sessions[name],
                                        np.stack([fitted_like_the_server(p, available_models[name]) for p in pngs]))
     with httpx.Client(timeout=120, limits=httpx.Limits(max_connections=200)) as client:
@@ -171,12 +166,6 @@ def test_200_concurrent_requests_each_get_their_own_answer(server_url, fashion_t
     assert [r.status_code for r in responses] == [200] * 200
     served = np.concatenate([probabilities_from_answer(r.json(), 10) for r in responses])
     np.testing.assert_allclose(served, expected, atol=TOLERANCE)
-
-
-def encode(image: Image.Image, format: str, **options) -> bytes:
-    buffer = io.BytesIO()
-    image.save(buffer, format=format, **options)
-    return buffer.getvalue()
 
 
 def test_every_format_and_mode_is_fitted(server_url, fashion_test_images):
@@ -203,8 +192,8 @@ def test_every_format_and_mode_is_fitted(server_url, fashion_test_images):
 
 def test_auto_invert_turns_dark_on_light_into_the_training_polarity(server_url, fashion_test_images):
     images, _ = fashion_test_images
-    original = png_bytes(images[0])
-    negative = png_bytes(255 - images[0])  # a dark item on a light background, like a photo on paper
+    original = png(images[0][0])
+    negative = png(255 - images[0][0])  # a dark item on a light background, like a photo on paper
     answer = post_pngs(server_url, [original, negative], top_k=1).json()["predictions"]
     assert [p["inverted"] for p in answer] == [False, True]
     assert answer[0]["top_k"][0]["index"] == answer[1]["top_k"][0]["index"]
@@ -222,7 +211,7 @@ def test_served_top1_agrees_with_onnxruntime_on_all_test_images(server_url, refe
     expected = reference_probabilities(reference_sessions["cnn"], images).argmax(1)
     served, inverted = [], []
     for start in range(0, len(images), 250):
-        answer = post_pngs(server_url, [png_bytes(p) for p in images[start:start + 250]], top_k=1, model="cnn")
+        answer = post_pngs(server_url, [png(p[0]) for p in images[start:start + 250]], top_k=1, model="cnn")
         assert answer.status_code == 200, answer.text
         for offset, prediction in enumerate(answer.json()["predictions"]):
             served.append(prediction["top_k"][0]["index"])
@@ -247,7 +236,7 @@ def test_exif_orientation_is_applied(server_url, fashion_test_images):
 def test_default_model_comes_from_the_configuration(tmp_path):
     """VISIONSERVE_DEFAULT_MODELS picks what a request without `model` gets; a name the server does not have
     falls back to the best available by its card, and says so in the log."""
-    image = png_bytes(np.zeros((1, 28, 28), np.uint8))
+    image = png()
     running = start_server(tmp_path / "server.log", {"VISIONSERVE_MODELS_DIR": str(MODELS_DIR),
                                                      "VISIONSERVE_DEFAULT_MODELS": "classification=mlp"})
     try:
@@ -284,7 +273,7 @@ def test_make_serve_serves_every_task_with_the_released_models(server_url):
     scenes = fixed_test_scenes(40, test=load_dataset("fashion-mnist", "test"))
     index = next(i for i in range(len(scenes)) if (scenes.classes[i] >= 0).sum() == 2)
     pixels, truth = scenes.images[index].numpy(), scenes.masks[index].numpy()
-    answer = httpx.post(server_url + "/segment", files={"image": ("scene.png", png_bytes(pixels), "image/png")},
+    answer = httpx.post(server_url + "/segment", files={"image": ("scene.png", png(pixels[0]), "image/png")},
                         timeout=60)
     assert answer.status_code == 200, answer.text
     body = answer.json()

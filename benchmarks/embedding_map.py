@@ -100,8 +100,9 @@ def analyse(name: str, features: np.ndarray, labels: np.ndarray, label_names: li
     scores = cluster_scores(features, labels)
     for method, points in maps.items():
         plot_map(points, labels, label_names, out / f"{name}-{method}.png",
+                 # two lines: one was wider than the axes and lost its start to the figure's edge
                  f"{dataset}: {name} ({features.shape[1]} dims, {len(features):,} images) by "
-                 f"{'PCA' if method == 'pca' else 't-SNE'}; k-means ARI {scores['ari']:.3f}, NMI {scores['nmi']:.3f}")
+                 f"{'PCA' if method == 'pca' else 't-SNE'}\nk-means ARI {scores['ari']:.3f}, NMI {scores['nmi']:.3f}")
     row = {"dataset": dataset, "representation": name, "dims": int(features.shape[1]), "images": int(len(features)),
            **scores, "seconds": round(time.perf_counter() - started, 1),
            "pngs": [f"{name}-{method}.png" for method in maps]}

@@ -8,7 +8,6 @@ model whose graph does not load, and no --host (so it listens where the service'
 from __future__ import annotations
 
 import hashlib
-import io
 import json
 import os
 import re
@@ -22,30 +21,13 @@ from pathlib import Path
 
 import httpx
 import pytest
-from PIL import Image
 
 from conftest import MODELS_DIR, REPO, classification_cards, start_server, stop_server
+from helpers import LEAK_MARKERS, assert_error, png
 from service.config import ServingConfig, api_key_from_environment
 
 pytestmark = pytest.mark.server
 API_KEY = "test-key-5f2c9a71e4b8"
-LEAK_MARKERS = ("/work", "/tmp", "Traceback", ".py", "site-packages")
-
-
-def png() -> bytes:
-    buffer = io.BytesIO()
-    Image.new("L", (28, 28), 0).save(buffer, format="PNG")
-    return buffer.getvalue()
-
-
-def assert_error(response: httpx.Response, status: int, code: str) -> dict:
-    assert response.status_code == status, response.text
-    assert response.headers["content-type"].startswith("application/json")
-    body = response.json()
-    assert set(body) == {"error"} and set(body["error"]) == {"code", "message", "field", "request_id"}, body
-    assert body["error"]["request_id"] == response.headers["x-request-id"], body
-    assert body["error"]["code"] == code, body
-    return body["error"]
 
 
 # --- no outbound request for a URL sent by a client ---------------------------------------------------
@@ -100,10 +82,13 @@ def test_urls_sent_as_images_get_a_4xx_and_are_never_fetched(every_task_server):
     }
     time.sleep(1.0)  # a fetch started by any of them would have connected by now
     connections = watcher.close()
-    expected = {"classify images field": (422, "not_a_file"), "segment image field": (422, "not_a_file"),
-                "classify file holding a URL": (415, "unsupported_image"),
-                "classify model field": (404, "unknown_model"), "classify/json": (400, "invalid_base64"),
-                "segment json": (400, "invalid_base64"), "data URL pointing elsewhere": (400, "invalid_base64")}
+    expected = {"classify images field": (422, "not_a_file", "images"),
+                "segment image field": (422, "not_a_file", "image"),
+                "classify file holding a URL": (415, "unsupported_image", "images[0]"),
+                "classify model field": (404, "unknown_model", "model"),
+                "classify/json": (400, "invalid_base64", "images[0]"),
+                "segment json": (400, "invalid_base64", "image"),
+                "data URL pointing elsewhere": (400, "invalid_base64", "images[0]")}
     for name, response in answers.items():
         assert_error(response, *expected[name])
     assert connections == 0, "the server connected to a URL sent by a client"

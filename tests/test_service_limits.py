@@ -1,54 +1,53 @@
 """Every limit and bad input gets its 4xx (or 503) in the one error shape, never a 500.
 
-The test server runs with small limits (conftest.TEST_SERVER_LIMITS) so each can be crossed cheaply;
-the defaults are checked separately.
+The error mapping is checked in this process, on the ASGI app `bentoml serve` runs (BentoML's own middlewares and
+routes around ours) over a released classifier in a real onnxruntime session: a subprocess adds nothing to
+it. The app runs with small limits (conftest.TEST_SERVER_LIMITS) so each can be crossed cheaply; the defaults are
+checked separately. Bad files, unknown models and bad parameters of every route are cases of the bad-input corpus
+(tests/test_bad_inputs.py); a URL sent as an image is tests/test_security.py's.
 """
 
 from __future__ import annotations
 
 import os
 import base64
-import io
-import socket
-import threading
+import shutil
+from typing import Iterator
 
 import httpx
 import numpy as np
 import pytest
-from PIL import Image
+from starlette.testclient import TestClient
 
+from conftest import MODELS_DIR, TEST_SERVER_LIMITS
+from helpers import assert_error, npy, png
 from service.config import InferenceConfig, RequestLimits, ServingConfig, available_cores
 
-pytestmark = pytest.mark.server
+BODY_LIMIT = int(TEST_SERVER_LIMITS["VISIONSERVE_MAX_BODY_BYTES"])
+IMAGE_LIMIT = int(TEST_SERVER_LIMITS["VISIONSERVE_MAX_IMAGES"])
+PIXEL_LIMIT = int(TEST_SERVER_LIMITS["VISIONSERVE_MAX_PIXELS"])
+FIELD_LIMIT = int(TEST_SERVER_LIMITS["VISIONSERVE_MAX_FIELD_BYTES"])
 
 
-def assert_error(response: httpx.Response, status: int, code: str, field: str | None = ...) -> dict:
-    assert response.status_code == status, response.text
-    assert response.headers["content-type"].startswith("application/json")
-    body = response.json()
-    assert set(body) == {"error"} and set(body["error"]) == {"code", "message", "field", "request_id"}, body
-    assert body["error"]["request_id"] == response.headers["x-request-id"], body
-    assert body["error"]["code"] == code, body
-    assert isinstance(body["error"]["message"], str) and body["error"]["message"]
-    if field is not ...:
-        assert body["error"]["field"] == field, body
-    return body["error"]
+@pytest.fixture(scope="module")
+def app(tmp_path_factory) -> Iterator[TestClient]:
+    """The service in this process, over the released CNN, configured as `bentoml serve` would be by the same
+    environment; its start-up (model checks, sessions, warm-up) runs when the client enters."""
+    models = tmp_path_factory.mktemp("in-process-models")
+    shutil.copytree(MODELS_DIR / "cnn", models / "cnn")
+    environment = {**TEST_SERVER_LIMITS, "VISIONSERVE_MODELS_DIR": str(models),
+                   "VISIONSERVE_GC_TUNING": "off"}  # gc.freeze() would reach the whole test process
+    with pytest.MonkeyPatch.context() as patch:
+        for name, value in environment.items():
+            patch.setenv(name, value)
+        from service.app import VisionService  # imported here: the import checks the configuration, like serve
+
+        with TestClient(VisionService.to_asgi(), base_url="http://127.0.0.1") as client:
+            yield client
 
 
-def png(size=(28, 28), mode="L", color=0) -> bytes:
-    buffer = io.BytesIO()
-    Image.new(mode, size, color).save(buffer, format="PNG")
-    return buffer.getvalue()
-
-
-def post_files(url: str, files: list, data: dict | None = None) -> httpx.Response:
-    return httpx.post(url + "/classify", files=files, data=data or {}, timeout=60)
-
-
-def npy(array: np.ndarray) -> bytes:
-    buffer = io.BytesIO()
-    np.save(buffer, array)
-    return buffer.getvalue()
+def post_files(app: TestClient, files: list, data: dict | None = None) -> httpx.Response:
+    return app.post("/classify", files=files, data=data or {})
 
 
 # --- defaults ---------------------------------------------------------------------------------------
@@ -85,134 +84,57 @@ def test_limits_and_threads_come_from_the_environment():
 
 # --- size limits (413) ------------------------------------------------------------------------------
 
-def test_body_over_the_limit_by_content_length(server):
-    limit = int(server.env["VISIONSERVE_MAX_BODY_BYTES"])
-    big = [("images", ("big.png", b"\0" * (limit + 1), "image/png"))]
-    assert_error(post_files(server.url, big), 413, "body_too_large")
+def test_body_over_the_limit_by_content_length(app):
+    big = [("images", ("big.png", b"\0" * (BODY_LIMIT + 1), "image/png"))]
+    assert_error(post_files(app, big), 413, "body_too_large")
 
 
-def test_streamed_body_over_the_limit(server):
-    limit = int(server.env["VISIONSERVE_MAX_BODY_BYTES"])
-
-    def chunks():  # no Content-Length: the middleware must count while streaming
-        for _ in range(limit // 65536 + 2):
+def test_streamed_body_over_the_limit(app):
+    def chunks():  # no Content-Length: the middleware must count what it reads
+        for _ in range(BODY_LIMIT // 65536 + 2):
             yield b"\0" * 65536
 
-    response = httpx.post(server.url + "/classify/tensor", content=chunks(), timeout=60)
-    assert_error(response, 413, "body_too_large")
+    assert_error(app.post("/classify/tensor", content=chunks()), 413, "body_too_large")
 
 
-def test_too_many_images_multipart(server):
-    limit = int(server.env["VISIONSERVE_MAX_IMAGES"])
+def test_too_many_images_multipart(app):
     tiny = png()
-    files = [("images", (f"{i}.png", tiny, "image/png")) for i in range(limit + 1)]
-    assert_error(post_files(server.url, files), 413, "too_many_images", "images")
+    files = [("images", (f"{i}.png", tiny, "image/png")) for i in range(IMAGE_LIMIT + 1)]
+    assert_error(post_files(app, files), 413, "too_many_images", "images")
 
 
-def test_too_many_images_base64_and_tensor(server):
-    limit = int(server.env["VISIONSERVE_MAX_IMAGES"])
+def test_too_many_images_base64_and_tensor(app):
     encoded = base64.b64encode(png()).decode()
-    response = httpx.post(server.url + "/classify/json", json={"images": [encoded] * (limit + 1)}, timeout=60)
-    assert_error(response, 413, "too_many_images", "images")
-    response = httpx.post(server.url + "/classify/tensor", content=npy(np.zeros((limit + 1, 28, 28), np.uint8)),
-                          timeout=60)
+    assert_error(app.post("/classify/json", json={"images": [encoded] * (IMAGE_LIMIT + 1)}), 413, "too_many_images",
+                 "images")
+    response = app.post("/classify/tensor", content=npy(np.zeros((IMAGE_LIMIT + 1, 28, 28), np.uint8)))
     assert_error(response, 413, "too_many_images", "body")
 
 
-def test_too_many_pixels(server):
-    limit = int(server.env["VISIONSERVE_MAX_PIXELS"])
-    side = int(limit ** 0.5) + 1
-    assert_error(post_files(server.url, [("images", ("wide.png", png((side, side)), "image/png"))]),
-                 413, "too_many_pixels", "images[0]")
+def test_too_many_pixels(app):
+    side = int(PIXEL_LIMIT ** 0.5) + 1
+    wide = png(np.zeros((side, side), np.uint8))
+    assert_error(post_files(app, [("images", ("wide.png", wide, "image/png"))]), 413, "too_many_pixels", "images[0]")
 
 
-def test_decompression_bomb_is_refused_before_decoding(server):
-    bomb = png((20_000, 20_000))  # 400 MP of zeros compress to a few hundred KB
-    assert len(bomb) < int(server.env["VISIONSERVE_MAX_BODY_BYTES"])
-    assert_error(post_files(server.url, [("images", ("bomb.png", bomb, "image/png"))]), 413, "too_many_pixels")
-
-
-def test_oversized_text_field(server):
-    limit = int(server.env["VISIONSERVE_MAX_FIELD_BYTES"])
-    response = post_files(server.url, [("images", ("a.png", png(), "image/png"))], {"model": "x" * (limit + 1)})
+def test_oversized_text_field(app):
+    response = post_files(app, [("images", ("a.png", png(), "image/png"))], {"model": "x" * (FIELD_LIMIT + 1)})
     assert_error(response, 413, "field_too_large")
 
 
-# --- bad files (415 / 400 / 422) --------------------------------------------------------------------
-
-def test_unsupported_file_is_415(server):
-    files = [("images", ("notes.txt", b"just some text, not an image", "text/plain"))]
-    assert_error(post_files(server.url, files), 415, "unsupported_image", "images[0]")
-
-
-def test_corrupt_image_is_400(server):
-    truncated = png((64, 64), color=128)[:60]  # a valid PNG signature and header, then nothing
-    assert_error(post_files(server.url, [("images", ("cut.png", truncated, "image/png"))]), 400, "corrupt_image",
-                 "images[0]")
-
-
-def test_string_in_file_field_is_refused_and_never_fetched(server):
-    listener = socket.socket()
-    listener.bind(("127.0.0.1", 0))
-    listener.listen(1)
-    listener.settimeout(1.5)
-    fetched = []
-
-    def watch():
-        try:
-            connection, _ = listener.accept()
-            fetched.append(True)
-            connection.close()
-        except OSError:
-            pass
-
-    watcher = threading.Thread(target=watch)
-    watcher.start()
-    url = f"http://127.0.0.1:{listener.getsockname()[1]}/secret.png"
-    response = httpx.post(server.url + "/classify", data={"images": url}, files=[("other", ("x", b"x"))], timeout=30)
-    watcher.join()
-    listener.close()
-    assert_error(response, 422, "not_a_file", "images")
-    assert not fetched, "the server connected to a URL sent in a file field"
-
-
-def test_missing_images_and_wrong_content_type(server):
-    assert_error(post_files(server.url, [("other", ("a.png", png(), "image/png"))]), 422, "missing_images")
-    assert_error(httpx.post(server.url + "/classify", json={"images": []}, timeout=30), 415,
-                 "unsupported_media_type")
-
-
-def test_invalid_base64_and_json(server):
-    assert_error(httpx.post(server.url + "/classify/json", json={"images": ["%%%not base64"]}, timeout=30),
-                 400, "invalid_base64", "images[0]")
-    assert_error(httpx.post(server.url + "/classify/json", content=b"{not json", timeout=30), 400, "invalid_json")
-    assert_error(httpx.post(server.url + "/classify/json", json={"images": []}, timeout=30), 422,
-                 "invalid_parameter", "images")
-
-
-# --- parameters (404 / 422) -------------------------------------------------------------------------
-
-def test_unknown_model_is_404(server):
-    files = [("images", ("a.png", png(), "image/png"))]
-    assert_error(post_files(server.url, files, {"model": "no-such-model"}), 404, "unknown_model", "model")
-    assert_error(httpx.get(server.url + "/models/no-such-model", timeout=10), 404, "unknown_model")
-    response = httpx.post(server.url + "/classify/tensor?model=no-such-model",
-                          content=npy(np.zeros((1, 28, 28), np.uint8)), timeout=30)
-    assert_error(response, 404, "unknown_model", "model")
-
+# --- parameters and tensors (422) -------------------------------------------------------------------
 
 @pytest.mark.parametrize("top_k", ["0", "11", "-1", "three"])
-def test_top_k_out_of_range_is_422(server, top_k):
+def test_top_k_out_of_range_is_422(app, top_k):
     files = [("images", ("a.png", png(), "image/png"))]
-    assert_error(post_files(server.url, files, {"top_k": top_k}), 422, "invalid_parameter", "top_k")
-    response = httpx.post(f"{server.url}/classify/tensor?top_k={top_k}", content=npy(np.zeros((1, 28, 28), np.uint8)),
-                          timeout=30)
+    assert_error(post_files(app, files, {"top_k": top_k}), 422, "invalid_parameter", "top_k")
+    response = app.post(f"/classify/tensor?top_k={top_k}", content=npy(np.zeros((1, 28, 28), np.uint8)))
     assert_error(response, 422, "invalid_parameter", "top_k")
 
 
-def test_invert_must_be_auto_true_or_false(server):
+def test_invert_must_be_auto_true_or_false(app):
     files = [("images", ("a.png", png(), "image/png"))]
-    assert_error(post_files(server.url, files, {"invert": "maybe"}), 422, "invalid_parameter", "invert")
+    assert_error(post_files(app, files, {"invert": "maybe"}), 422, "invalid_parameter", "invert")
 
 
 @pytest.mark.parametrize("array", [
@@ -221,33 +143,41 @@ def test_invert_must_be_auto_true_or_false(server):
     np.zeros((2, 3, 28, 28), np.uint8),      # wrong channels
     np.zeros((28, 28), np.uint8),            # no batch axis
 ], ids=["float32", "28x27", "3-channels", "no-batch"])
-def test_wrong_tensor_dtype_or_shape_is_422(server, array):
-    response = httpx.post(server.url + "/classify/tensor", content=npy(array), timeout=30)
-    assert_error(response, 422, "invalid_tensor", "body")
+def test_wrong_tensor_dtype_or_shape_is_422(app, array):
+    assert_error(app.post("/classify/tensor", content=npy(array)), 422, "invalid_tensor", "body")
 
 
-def test_non_npy_body_and_pickles_are_422(server):
-    assert_error(httpx.post(server.url + "/classify/tensor", content=b"not numpy", timeout=30), 422, "invalid_tensor")
-    buffer = io.BytesIO()
-    np.save(buffer, np.array([{"a": 1}], dtype=object), allow_pickle=True)
-    assert_error(httpx.post(server.url + "/classify/tensor", content=buffer.getvalue(), timeout=30), 422,
-                 "invalid_tensor")
+def test_non_npy_body_and_pickles_are_422(app):
+    assert_error(app.post("/classify/tensor", content=b"not numpy"), 422, "invalid_tensor")
+    pickled = npy(np.array([{"a": 1}], dtype=object), allow_pickle=True)
+    assert_error(app.post("/classify/tensor", content=pickled), 422, "invalid_tensor")
 
 
-def test_wrong_method_and_path_are_json_errors(server):
-    assert_error(httpx.get(server.url + "/classify", timeout=10), 405, "method_not_allowed")
-    assert_error(httpx.post(server.url + "/classify/nothing-here", timeout=10), 404, "not_found")
+def test_wrong_method_and_path_are_json_errors(app):
+    assert_error(app.get("/classify"), 405, "method_not_allowed")
+    assert_error(app.post("/classify/nothing-here"), 404, "not_found")
 
 
-def test_json_body_errors_name_the_field(server):
-    assert_error(httpx.post(server.url + "/classify/json", json={"images": [123]}, timeout=10), 422,
-                 "invalid_parameter", "images[0]")
-    assert_error(httpx.post(server.url + "/classify/json", content=b"null", timeout=10), 422,
-                 "invalid_parameter", "body")
+def test_json_body_errors_name_the_field(app):
+    assert_error(app.post("/classify/json", json={"images": [123]}), 422, "invalid_parameter", "images[0]")
+    assert_error(app.post("/classify/json", content=b"null"), 422, "invalid_parameter", "body")
 
 
-# --- checksum and overload (second server) ----------------------------------------------------------
+def test_bad_image_late_in_a_large_request_is_named(app):
+    # One bad file fails the whole request with 4xx, naming the image, and nothing is half-answered.
+    files = [("images", (f"{i}.png", png(), "image/png")) for i in range(40)]
+    files[35] = ("images", ("bad.png", b"not an image at all", "image/png"))
+    assert_error(post_files(app, files), 415, "unsupported_image", "images[35]")
+    assert post_files(app, files[:35]).status_code == 200
 
+
+# --- checksum and overload (a real server: conftest's tampered_server, shared with other files) -------------
+
+def classify_on(server, files: list, data: dict) -> httpx.Response:
+    return httpx.post(server.url + "/classify", files=files, data=data, timeout=60)
+
+
+@pytest.mark.server
 def test_model_with_wrong_checksum_is_refused_and_others_serve(tampered_server):
     described = {m["name"]: m for m in httpx.get(tampered_server.url + "/models", timeout=10).json()["models"]}
     assert described["tampered"]["status"] == "unavailable"
@@ -255,24 +185,17 @@ def test_model_with_wrong_checksum_is_refused_and_others_serve(tampered_server):
     assert described["good"]["status"] == "available"
     assert "model tampered refused" in tampered_server.log()
     files = [("images", ("a.png", png(), "image/png"))]
-    assert post_files(tampered_server.url, files, {"model": "good"}).status_code == 200
-    assert_error(post_files(tampered_server.url, files, {"model": "tampered"}), 503, "model_unavailable", "model")
+    assert classify_on(tampered_server, files, {"model": "good"}).status_code == 200
+    assert_error(classify_on(tampered_server, files, {"model": "tampered"}), 503, "model_unavailable", "model")
 
 
+@pytest.mark.server
 def test_overload_is_503_with_retry_after(tampered_server):
     # The tampered server queues at most one image: a two-image request is over the bound.
     response = httpx.post(tampered_server.url + "/classify/tensor?model=good",
                           content=npy(np.zeros((2, 28, 28), np.uint8)), timeout=30)
     assert_error(response, 503, "overloaded")
     assert int(response.headers["retry-after"]) >= 1
-
-
-def test_bad_image_late_in_a_large_request_is_named(server):
-    # One bad file fails the whole request with 4xx, naming the image, and nothing is half-answered.
-    files = [("images", (f"{i}.png", png(), "image/png")) for i in range(40)]
-    files[35] = ("images", ("bad.png", b"not an image at all", "image/png"))
-    assert_error(post_files(server.url, files), 415, "unsupported_image", "images[35]")
-    assert post_files(server.url, files[:35]).status_code == 200
 
 
 def test_workers_follow_the_usable_cores_unless_set(tmp_path):

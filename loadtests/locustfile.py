@@ -10,11 +10,11 @@ http://127.0.0.1:3000):
 
 `make loadtest` (loadtests/run.py) runs this file headless, writes the reports and checks the objectives.
 
-Scenarios (--scenario or LOADTEST_SCENARIO): all, classify, segment, generate, smoke, available
+Scenarios (--scenario or LOADTEST_SCENARIO): all, classify, segment, generate, reconstruct, smoke, available
 (loadtests/scenarios.py). `--tags` picks users by their tags instead: classify, classify_batch, tensor,
-segment, generate. At start the master (or the single local process) reads GET /models and exits with a
-message naming every selected endpoint the server has no model for, except under `available`, which
-loads only the endpoints the server can answer.
+segment, generate, reconstruct. At start the master (or the single local process) reads GET /models and
+exits with a message naming every selected endpoint the server has no model for, except under `available`,
+which loads only the endpoints the server can answer.
 """
 
 from __future__ import annotations
@@ -23,6 +23,7 @@ import itertools
 import json
 import random
 import sys
+from collections.abc import Callable
 
 import locust.runners
 from locust import FastHttpUser, between, events, tag, task
@@ -43,6 +44,7 @@ from loadtests.scenarios import (
 GENERATE_IMAGES = 16
 GENERATE_CLASSES = 10  # the Fashion-MNIST classes a conditional generator is trained on
 PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
+RECONSTRUCTION_ERROR_HEADER = "X-Reconstruction-Error"  # service/reconstruct.py's ERROR_HEADER
 _user_seeds = itertools.count()  # each user of a process gets its own seeded stream of choices
 
 
@@ -71,11 +73,21 @@ def check_json(response, expected_predictions: int | None = None, required_key: 
         response.failure(f"answer lacks '{required_key}'")
 
 
+def check_png(response, required_header: str | None = None) -> None:
+    """Marks the response failed unless it is a 200 whose body is a PNG (carrying `required_header`, if given)."""
+    if response.status_code != 200:
+        response.failure(f"HTTP {response.status_code} {error_code(response)}")
+    elif not response.content.startswith(PNG_SIGNATURE):
+        response.failure("200 with a body that is not a PNG")
+    elif required_header is not None and not response.headers.get(required_header):
+        response.failure(f"answer lacks the {required_header} header")
+
+
 class VisionUser(FastHttpUser):
     """A client that sends a request, reads the answer, and sends its next one after a short pause.
 
     The pause keeps the load an open-ended mix of clients rather than a saturating closed loop, in
-    which latency is only users / throughput (GUIDE: measured pitfalls).
+    which latency is only users / throughput (docs/ARCHITECTURE.md: measured pitfalls).
     """
 
     abstract = True
@@ -89,11 +101,12 @@ class VisionUser(FastHttpUser):
     def pick(self, bodies: list[bytes]) -> bytes:
         return bodies[self.rng.randrange(len(bodies))]
 
-    def post_multipart(self, body: bytes, expected_predictions: int | None = None,
-                       required_key: str | None = None) -> None:
-        with self.client.post(self.endpoint.path, data=body, headers={"Content-Type": MULTIPART_CONTENT_TYPE},
+    def post(self, body: bytes, check: Callable[..., None] = check_json, content_type: str = MULTIPART_CONTENT_TYPE,
+             **expected) -> None:
+        """POST `body` to the endpoint; `check(response, **expected)` judges the answer."""
+        with self.client.post(self.endpoint.path, data=body, headers={"Content-Type": content_type},
                               name=self.endpoint.name, catch_response=True) as response:
-            check_json(response, expected_predictions, required_key)
+            check(response, **expected)
 
 
 class ClassifyUser(VisionUser):
@@ -105,7 +118,7 @@ class ClassifyUser(VisionUser):
     @tag("classify")
     @task
     def classify_one_image(self) -> None:
-        self.post_multipart(self.pick(self.payloads.single_images), expected_predictions=1)
+        self.post(self.pick(self.payloads.single_images), expected_predictions=1)
 
 
 class ClassifyBatchUser(VisionUser):
@@ -117,7 +130,7 @@ class ClassifyBatchUser(VisionUser):
     @tag("classify_batch")
     @task
     def classify_image_batch(self) -> None:
-        self.post_multipart(self.pick(self.payloads.image_batches), expected_predictions=BATCH_IMAGES)
+        self.post(self.pick(self.payloads.image_batches), expected_predictions=BATCH_IMAGES)
 
 
 class ClassifyTensorUser(VisionUser):
@@ -129,10 +142,8 @@ class ClassifyTensorUser(VisionUser):
     @tag("tensor")
     @task
     def classify_tensor_batch(self) -> None:
-        with self.client.post(self.endpoint.path, data=self.pick(self.payloads.tensor_batches),
-                              headers={"Content-Type": "application/octet-stream"},
-                              name=self.endpoint.name, catch_response=True) as response:
-            check_json(response, expected_predictions=BATCH_IMAGES)
+        self.post(self.pick(self.payloads.tensor_batches), content_type="application/octet-stream",
+                  expected_predictions=BATCH_IMAGES)
 
 
 class SegmentUser(VisionUser):
@@ -144,7 +155,7 @@ class SegmentUser(VisionUser):
     @tag("segment")
     @task
     def segment_scene(self) -> None:
-        self.post_multipart(self.pick(self.payloads.scenes), required_key="mask_png")
+        self.post(self.pick(self.payloads.scenes), required_key="mask_png")
 
 
 class GenerateUser(VisionUser):
@@ -168,10 +179,21 @@ class GenerateUser(VisionUser):
         with self.client.post(self.endpoint.path, json=request, name=self.endpoint.name, catch_response=True) as response:
             if request["format"] == "images":
                 check_json(response, required_key="images")
-            elif response.status_code != 200:
-                response.failure(f"HTTP {response.status_code} {error_code(response)}")
-            elif not response.content.startswith(PNG_SIGNATURE):
-                response.failure("format=grid answered something that is not a PNG")
+            else:
+                check_png(response)
+
+
+class ReconstructUser(VisionUser):
+    """One PNG per request to the autoencoder: the answer is its reconstruction as a PNG (format=auto with one
+    image), the reconstruction error in a header."""
+
+    weight = 1
+    endpoint = ENDPOINTS_BY_TAG["reconstruct"]
+
+    @tag("reconstruct")
+    @task
+    def reconstruct_one_image(self) -> None:
+        self.post(self.pick(self.payloads.single_images), check_png, required_header=RECONSTRUCTION_ERROR_HEADER)
 
 
 # A worker says it is ready before its init event has built its payloads, and sends no heartbeat while it builds

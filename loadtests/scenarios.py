@@ -38,6 +38,7 @@ ENDPOINTS = (
     Endpoint("tensor", f"/classify/tensor [batch{BATCH_IMAGES}]", "classification"),
     Endpoint("segment", "/segment", "segmentation"),
     Endpoint("generate", "/generate", "generation"),
+    Endpoint("reconstruct", "/reconstruct", "reconstruction"),
 )
 ENDPOINTS_BY_TAG = {endpoint.tag: endpoint for endpoint in ENDPOINTS}
 ALL_TAGS = tuple(ENDPOINTS_BY_TAG)
@@ -49,6 +50,7 @@ SCENARIOS = {
     "classify": ("classify", "classify_batch", "tensor"),
     "segment": ("segment",),
     "generate": ("generate",),
+    "reconstruct": ("reconstruct",),
     "smoke": ("classify", "tensor"),
     "available": ALL_TAGS,
 }

@@ -29,9 +29,10 @@ ENDPOINTS_OF_TASK = {
     "classification": {"POST /classify", "POST /classify [batch16]", "POST /classify/tensor [batch16]"},
     "segmentation": {"POST /segment"},
     "generation": {"POST /generate"},
+    "reconstruction": {"POST /reconstruct"},
 }
 # Served, but with no Locust user yet (loadtests/scenarios.py): the driver must still run, loading the others.
-NOT_LOAD_TESTED = {"reconstruction"}
+NOT_LOAD_TESTED: set[str] = set()
 
 
 def released_models(task: str | None = None) -> list[Path]:

@@ -111,26 +111,10 @@ def affinity(cpus: list[int]) -> Iterator[None]:
 
 # --- the servers --------------------------------------------------------------------------------------------
 
-def wait_ready(process: subprocess.Popen, url: str, log_path: Path, timeout_s: float = 180) -> None:
-    import httpx
-
-    deadline = time.monotonic() + timeout_s
-    while time.monotonic() < deadline:
-        if process.poll() is not None:
-            raise RuntimeError(f"server exited: {log_path.read_text()[-3000:]}")
-        try:
-            if httpx.get(url, timeout=2).status_code == 200:
-                return
-        except httpx.TransportError:
-            pass
-        time.sleep(0.3)
-    raise RuntimeError(f"server not ready: {log_path.read_text()[-3000:]}")
-
-
 def start_peer(peer: str, args: argparse.Namespace, workers: int, model_dir: Path, workdir: Path,
                log_path: Path) -> tuple[subprocess.Popen, str]:
     """One server of the CNN on a free port; visionserve through the launcher every test and benchmark uses."""
-    from loadtests.server import free_port, models_folder_environment, start_server, stop_process_group
+    from loadtests.server import free_port, models_folder_environment, start_server, stop_process_group, wait_ready
 
     if peer == "visionserve":
         cnn_only = workdir / "models"  # VISIONSERVE_MODELS_DIR of the CNN alone: no other model loads
@@ -155,11 +139,12 @@ def start_peer(peer: str, args: argparse.Namespace, workers: int, model_dir: Pat
                                "--working-dir", str(PEERS_DIR), "--host", "127.0.0.1", "--port", str(port)],
                               "/readyz"),
     }[peer]
-    process = subprocess.Popen(command, cwd=PEERS_DIR, env=env, stdout=open(log_path, "wb"),
-                               stderr=subprocess.STDOUT, start_new_session=True)
+    with open(log_path, "wb") as log:  # the child keeps its own copy of the descriptor
+        process = subprocess.Popen(command, cwd=PEERS_DIR, env=env, stdout=log, stderr=subprocess.STDOUT,
+                                   start_new_session=True)
     url = f"http://127.0.0.1:{port}"
     try:
-        wait_ready(process, url + health, log_path)
+        wait_ready(process, url + health, log_path, timeout_s=180)
     except RuntimeError:
         stop_process_group(process)
         raise

@@ -46,20 +46,40 @@ def free_port(host: str = "127.0.0.1") -> int:
         return sock.getsockname()[1]
 
 
-def is_ready(url: str, timeout_s: float = 2) -> bool:
-    """Whether GET url/readyz answers 200."""
-    return readyz(url, timeout_s) == 200
-
-
-def readyz(url: str, timeout_s: float = 5) -> int | None:
-    """The status of GET url/readyz; None when nothing answers."""
+def status_of(url: str, timeout_s: float = 5) -> int | None:
+    """The status of GET url; None when nothing answers."""
     try:
-        with urllib.request.urlopen(url.rstrip("/") + "/readyz", timeout=timeout_s) as response:
+        with urllib.request.urlopen(url, timeout=timeout_s) as response:
             return response.status
     except urllib.error.HTTPError as error:
         return error.code
     except (urllib.error.URLError, OSError):
         return None
+
+
+def readyz(url: str, timeout_s: float = 5) -> int | None:
+    """The status of GET url/readyz (visionserve's readiness); None when nothing answers."""
+    return status_of(url.rstrip("/") + "/readyz", timeout_s)
+
+
+def is_ready(url: str, timeout_s: float = 2) -> bool:
+    return readyz(url, timeout_s) == 200
+
+
+def wait_ready(process: subprocess.Popen, health_url: str, log_path: Path, timeout_s: float) -> None:
+    """Returns once GET health_url answers 200. Raises RuntimeError with the log when the process exits first,
+    or when it is not ready within `timeout_s` (it is stopped then)."""
+    deadline = time.monotonic() + timeout_s
+    while time.monotonic() < deadline:
+        if process.poll() is not None:
+            raise RuntimeError(f"the server exited with status {process.returncode}; its log ({log_path}):\n"
+                               + log_path.read_text(errors="replace"))
+        if status_of(health_url, timeout_s=2) == 200:
+            return
+        time.sleep(0.3)
+    stop_process_group(process)
+    raise RuntimeError(f"the server was not ready after {timeout_s:g} s; its log ({log_path}):\n"
+                       + log_path.read_text(errors="replace"))
 
 
 def models_folder_environment(models_dir: str | Path, settings: Mapping[str, str]) -> dict[str, str]:
@@ -82,18 +102,10 @@ def start_server(env: Mapping[str, str], log_path: Path, *, host: str | None = "
         process = subprocess.Popen(command, cwd=REPO, env=dict(env), stdout=log, stderr=subprocess.STDOUT,
                                    start_new_session=True)
     server = Server(f"http://{host or '127.0.0.1'}:{port}", process, log_path)
-    deadline = time.monotonic() + timeout_s
-    while time.monotonic() < deadline:
-        if process.poll() is not None:
-            raise RuntimeError(f"the server exited with status {process.returncode}; its log ({log_path}):\n"
-                               + server.log())
-        if is_ready(server.url):
-            # Checked at the first 200: the load-and-warm-up log line must already be there.
-            server.ready_before_load = READY_LOG_LINE not in server.log()
-            return server
-        time.sleep(0.3)
-    stop_process_group(process)
-    raise RuntimeError(f"the server was not ready after {timeout_s:g} s; its log ({log_path}):\n" + server.log())
+    wait_ready(process, server.url + "/readyz", log_path, timeout_s)
+    # Checked at the first 200: the load-and-warm-up log line must already be there.
+    server.ready_before_load = READY_LOG_LINE not in server.log()
+    return server
 
 
 def stop_process_group(process: subprocess.Popen, grace_s: float = 20) -> None:

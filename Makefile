@@ -101,7 +101,7 @@ screenshots: install data browser models-present
 	VISIONSERVE_SCREENSHOT_DIR=docs/img $(BIN)/python -m pytest tests/test_web.py -q -k screenshots
 
 evaluate: install data
-	$(BIN)/python -m export.evaluate --models models --out benchmarks/results
+	$(BIN)/python -m export.evaluate_classifier --models models --out benchmarks/results
 	$(BIN)/python -m export.evaluate_segmenter --models models --out benchmarks/results
 	$(BIN)/python -m export.evaluate_generator --models models --judge models/resnet --out benchmarks/results
 
@@ -121,7 +121,7 @@ ood: install data models-present
 models-present:
 	@ls models/*/model.onnx >/dev/null 2>&1 || { \
 		echo "No exported models in models/. Train and export one first, for example:"; \
-		echo "  $(BIN)/python -m training.train --preset release-cnn --seed 0"; \
+		echo "  $(BIN)/python -m training.train_classifier --preset release-cnn --seed 0"; \
 		echo "  $(BIN)/python -m export.classifier --run runs/cnn/<stamp> --name cnn"; \
 		exit 1; }
 

@@ -27,7 +27,7 @@ from export.release import classifier_targets, release_block
 from training.data import load_dataset, train_val_split
 from training.models import build_classifier, count_parameters
 from training.plots import confusion_matrix, plot_confusion, plot_curves
-from training.train import command_for, split_seed
+from training.train_classifier import command_for, split_seed
 
 
 # Test-time augmentation: the views of each image whose probabilities (and embeddings) the graph averages.
@@ -313,8 +313,8 @@ def cam_shape(in_shape: tuple) -> list[int]:
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--run", required=True, nargs="+",
-                   help="a run folder written by training.train; several make one ensemble graph (their runs must "
-                        "share normalisation and validation split: train them with one --split-seed)")
+                   help="a run folder written by training.train_classifier; several make one ensemble graph (their "
+                        "runs must share normalisation and validation split: train them with one --split-seed)")
     p.add_argument("--name", required=True, help="model name; written to OUT/NAME/")
     p.add_argument("--out", default="models")
     p.add_argument("--parity-images", type=int, default=2000, help="test images compared with PyTorch (>= 512)")

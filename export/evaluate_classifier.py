@@ -1,6 +1,6 @@
 """Independent evaluation of released classifiers: onnxruntime on the exported graph, the full test split.
 
-    python -m export.evaluate --models models --out benchmarks/results
+    python -m export.evaluate_classifier --models models --out benchmarks/results
 
 For every models/<name>/ with a classification card: checks the file's SHA-256 against the card, the
 input contract (uint8 [N,C,H,W] with a dynamic batch axis, outputs `probabilities` and `embedding`),
@@ -114,7 +114,8 @@ def main(args: argparse.Namespace) -> list[dict]:
     out.mkdir(parents=True, exist_ok=True)
     (out / "evaluation.json").write_text(json.dumps(results, indent=2) + "\n")
     table = markdown_table(results)
-    (out / "evaluation.md").write_text("Measured by `make evaluate` (`python -m export.evaluate`).\n\n" + table)
+    (out / "evaluation.md").write_text(
+        "Measured by `make evaluate` (`python -m export.evaluate_classifier`).\n\n" + table)
     print(table)
     return results
 

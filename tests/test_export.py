@@ -9,12 +9,12 @@ import pytest
 import torch
 
 from export import classifier as export_classifier
-from export import evaluate
+from export.evaluate_classifier import evaluate_classifier
 from export.onnx_io import ParityError
 from training.data import load_dataset, train_val_split
-from training.train import main as train_main
-from training.train import split_seed
-from training.train import parse_args as train_args
+from training.train_classifier import main as train_main
+from training.train_classifier import split_seed
+from training.train_classifier import parse_args as train_args
 
 
 @pytest.fixture(scope="module")
@@ -86,7 +86,7 @@ def test_parity_gate_refuses_and_writes_nothing(digits_run, tmp_path):
 
 def test_independent_evaluation_agrees_with_card(exported):
     model_dir, card = exported
-    result = evaluate.evaluate_classifier(model_dir)
+    result = evaluate_classifier(model_dir)
     assert result["accuracy"] == card["metrics"]["accuracy"]
     assert result["problems"] == [] and result["batch_independent"]
 
@@ -98,11 +98,11 @@ def test_evaluation_catches_a_tampered_model(exported, tmp_path):
     (bad / "card.json").write_text(json.dumps(card | {"metrics": card["metrics"] | {"accuracy": 0.999}}))
     data = bytearray((model_dir / "model.onnx").read_bytes())
     (bad / "model.onnx").write_bytes(bytes(data))
-    problems = evaluate.evaluate_classifier(bad)["problems"]
+    problems = evaluate_classifier(bad)["problems"]
     assert any("card claims accuracy" in p for p in problems)
     card_wrong_sha = card | {"sha256": "0" * 64}
     (bad / "card.json").write_text(json.dumps(card_wrong_sha))
-    assert any("sha256" in p for p in evaluate.evaluate_classifier(bad)["problems"])
+    assert any("sha256" in p for p in evaluate_classifier(bad)["problems"])
 
 
 @pytest.mark.parametrize("tta", ["flip", "flip-shift"])
@@ -171,7 +171,7 @@ def test_ensemble_graph_is_the_mean_of_its_members(digits_run, second_member, ex
     assert [m["command"] for m in training["members"]] == training["command"].split(" && ")
     assert "--split-seed 1" in training["members"][1]["command"]
     assert (tmp_path / "pair" / "curves-member2.png").is_file()
-    assert evaluate.evaluate_classifier(tmp_path / "pair")["problems"] == []
+    assert evaluate_classifier(tmp_path / "pair")["problems"] == []
 
 
 def test_ensemble_refuses_members_with_different_validation_splits(digits_run, tmp_path):

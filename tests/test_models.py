@@ -6,7 +6,7 @@ import pytest
 import torch
 
 from training.models import CLASSIFIERS, build_classifier, count_parameters
-from training.models.init import init_weight
+from training.models.weight_init import init_weight
 
 ARCHITECTURES = [
     ("mlp", dict(activation="tanh")),

@@ -7,7 +7,7 @@ from pathlib import Path
 
 import pytest
 
-from export.evaluate import evaluate_classifier
+from export.evaluate_classifier import evaluate_classifier
 from export.release import CLASSIFIER_FLOORS
 
 MODELS = Path(__file__).resolve().parent.parent / "models"

@@ -12,11 +12,12 @@ import torch.nn.functional as F
 from export import evaluate_segmenter
 from export import segmenter as export_segmenter
 from export.onnx_io import ParityError
+from training.common import TrainSetup
 from training.data import FASHION_MNIST_DIR, FASHION_MNIST_LABELS, load_dataset, train_val_split
 from training.metrics import item_coverage
 from training.models import CLASSIFIERS, SEGMENTERS, build_segmenter, count_parameters
 from training.scenes import ITEM_THRESHOLD, TEST_SCENE_SEED, fixed_test_scenes, make_scenes
-from training.train_segnet import (PRESETS, TrainSetup, command_for, main as train_main, parse_args as train_args,
+from training.train_segnet import (PRESETS, command_for, main as train_main, parse_args as train_args,
                                    pretrain_encoder, resolve_config)
 
 TINY = ["--canvas", "32", "32", "--widths", "8", "16", "--batch-size", "8", "--epochs", "2", "--dry-run",

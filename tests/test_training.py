@@ -5,8 +5,8 @@ import json
 import pytest
 import torch
 
-from training.train import (AUGMENTATIONS, PRESETS, augment_batch, command_for, main, parse_args, resolve_config,
-                            uses_channels_last)
+from training.common import augment_batch, uses_channels_last
+from training.train_classifier import AUGMENTATIONS, PRESETS, command_for, main, parse_args, resolve_config
 
 
 def train(tmp_path, *flags):
@@ -86,7 +86,7 @@ def test_shift_moves_content_without_scaling():
 def test_presets_resolve_and_flags_override():
     config = resolve_config(parse_args(["--preset", "seed-mlp", "--epochs", "3"]))
     assert config["optimizer"] == "sgd" and config["lr"] == 0.1 and config["epochs"] == 3
-    assert command_for(config) == "python -m training.train --preset seed-mlp --epochs 3 --seed 0"
+    assert command_for(config) == "python -m training.train_classifier --preset seed-mlp --epochs 3 --seed 0"
     assert set(PRESETS) >= {"seed-mlp", "seed-mlp-relu", "seed-cnn", "release-mlp", "release-cnn", "release-resnet"}
 
 
@@ -109,7 +109,7 @@ def test_runs_recorded_before_the_option_resume_with_their_old_memory_format():
 
 
 def test_distillation_loss_is_zero_only_when_the_student_matches_the_teacher():
-    from training.train import distillation_loss
+    from training.train_classifier import distillation_loss
 
     logits = torch.tensor([[2.0, 0.5, -1.0], [0.0, 3.0, 1.0]])
     teacher = torch.log_softmax(logits, dim=1)

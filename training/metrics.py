@@ -1,4 +1,5 @@
-"""Model metrics shared by the trainers and the exporters: segmentation IoU and item coverage.
+"""Model metrics shared by the trainers and the exporters: a classifier's loss, accuracy and predictions;
+segmentation IoU and item coverage.
 
 Two IoU paths on purpose: `segmentation_scores` works from a pixel confusion matrix (what training and the
 exporter accumulate batch by batch), `iou_scores` compares whole mask arrays (what the independent evaluation
@@ -9,8 +10,33 @@ from __future__ import annotations
 
 import numpy as np
 import torch
+import torch.nn.functional as F
 
+from training.data import Dataset, normalise
 from training.scenes import NUM_SCENE_CLASSES, SCENE_LABELS
+
+
+@torch.no_grad()
+def evaluate_classifier(model: torch.nn.Module, data: Dataset, mean: list[float], std: list[float],
+                        device: torch.device, batch_size: int = 512, max_batches: int | None = None) -> dict:
+    """fp32 evaluation: loss, accuracy and per-image predictions (what export parity is checked against)."""
+    model.eval()
+    losses, predictions, labels = [], [], []
+    for start in list(range(0, len(data), batch_size))[:max_batches]:
+        x = normalise(data.images[start:start + batch_size].to(device), mean, std)
+        y = data.labels[start:start + batch_size].to(device)
+        logits = model(x).float()
+        losses.append(F.cross_entropy(logits, y, reduction="sum").item())
+        predictions.append(logits.argmax(1).cpu())
+        labels.append(y.cpu())
+    predictions, labels = torch.cat(predictions), torch.cat(labels)
+    return {
+        "loss": sum(losses) / len(labels),
+        "accuracy": (predictions == labels).float().mean().item(),
+        "predictions": predictions.numpy(),
+        "labels": labels.numpy(),
+    }
+
 
 
 def pixel_confusion(truth: torch.Tensor, predicted: torch.Tensor, num_classes: int) -> torch.Tensor:

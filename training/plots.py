@@ -10,6 +10,17 @@ import matplotlib.pyplot as plt  # noqa: E402
 import numpy as np  # noqa: E402
 
 
+def save_curves(fig, axes, title: str, path: str | Path) -> None:
+    """Grid and legend on every panel of a curves figure, the title above them, written and closed."""
+    for ax in axes:
+        ax.grid(alpha=0.3)
+        ax.legend()
+    fig.suptitle(title)
+    fig.tight_layout()
+    fig.savefig(path, dpi=100)
+    plt.close(fig)
+
+
 def plot_curves(history: list[dict], path: str | Path, title: str = "", label_smoothing: float = 0.0) -> None:
     epochs = [h["epoch"] for h in history]
     fig, (ax_loss, ax_acc) = plt.subplots(1, 2, figsize=(10, 4))
@@ -21,13 +32,7 @@ def plot_curves(history: list[dict], path: str | Path, title: str = "", label_sm
     ax_acc.plot(epochs, [h["train_acc"] for h in history], label="train (augmented)")
     ax_acc.plot(epochs, [h["val_acc"] for h in history], label="validation")
     ax_acc.set(xlabel="epoch", ylabel="accuracy", title="accuracy")
-    for ax in (ax_loss, ax_acc):
-        ax.grid(alpha=0.3)
-        ax.legend()
-    fig.suptitle(title)
-    fig.tight_layout()
-    fig.savefig(path, dpi=100)
-    plt.close(fig)
+    save_curves(fig, (ax_loss, ax_acc), title, path)
 
 
 def confusion_matrix(labels: np.ndarray, predictions: np.ndarray, num_classes: int) -> np.ndarray:
@@ -103,13 +108,7 @@ def plot_segmentation_curves(history: list[dict], path: str | Path, title: str =
     ax_acc.set(xlabel="epoch", ylabel="pixel accuracy", title="pixel accuracy")
     ax_iou.plot(epochs, [h["val_miou"] for h in history], label="validation", color="C1")
     ax_iou.set(xlabel="epoch", ylabel="mIoU (11 classes)", title="mean IoU (model selection)")
-    for ax in (ax_loss, ax_acc, ax_iou):
-        ax.grid(alpha=0.3)
-        ax.legend()
-    fig.suptitle(title)
-    fig.tight_layout()
-    fig.savefig(path, dpi=100)
-    plt.close(fig)
+    save_curves(fig, (ax_loss, ax_acc, ax_iou), title, path)
 
 
 def plot_class_iou(per_class_iou: dict[str, float | None], path: str | Path, title: str = "") -> None:
@@ -144,13 +143,7 @@ def plot_gan_curves(history: list[dict], path: str | Path, title: str = "") -> N
         ax_d.plot(epochs, [h["aux_real_acc"] for h in history], "--", label="class head accuracy, real")
         ax_d.plot(epochs, [h["aux_fake_acc"] for h in history], "--", label="class head accuracy, generated")
     ax_d.set(xlabel="epoch", ylabel="mean sigmoid output / accuracy", title="discriminator", ylim=(0, 1))
-    for ax in (ax_loss, ax_d):
-        ax.grid(alpha=0.3)
-        ax.legend()
-    fig.suptitle(title)
-    fig.tight_layout()
-    fig.savefig(path, dpi=100)
-    plt.close(fig)
+    save_curves(fig, (ax_loss, ax_d), title, path)
 
 
 def save_image_grid(pixels: np.ndarray, path: str | Path, columns: int = 10, title: str = "",

@@ -30,11 +30,12 @@ import torch.nn.functional as F  # noqa: E402
 from tqdm import tqdm  # noqa: E402
 
 from training import cli  # noqa: E402
+from training.common import (augment_batch, epoch_seed, hardware_description, load_best_weights,  # noqa: E402
+                             new_run_dir, pick_device, start_or_resume, write_run_record)
 from training.data import Dataset, load_dataset, train_val_split  # noqa: E402
 from training.models import count_parameters  # noqa: E402
 from training.models.autoencoder import Autoencoder, AutoencoderConfig  # noqa: E402
 from training.plots import save_image_grid  # noqa: E402
-from training.train import augment_batch, hardware_description, new_run_dir, pick_device, write_run_record  # noqa: E402
 
 DEFAULTS = dict(dataset="fashion-mnist", data_dir=None, epochs=10, batch_size=128, lr=2e-3, weight_decay=1e-5,
                 channels=32, code_dim=32, augment="flip", val_fraction=0.1, seed=0)
@@ -51,23 +52,15 @@ PRESETS = {
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--preset", choices=sorted(PRESETS), help="a named recipe; explicit flags override it")
-    p.add_argument("--dataset", choices=["fashion-mnist", "idx"])
-    p.add_argument("--data-dir", help="MNIST-format folder of 28x28 images instead of the default Fashion-MNIST")
-    p.add_argument("--epochs", type=int)
-    p.add_argument("--batch-size", type=int)
+    cli.add_recipe_flags(p, PRESETS, "MNIST-format folder of 28x28 images instead of the default Fashion-MNIST",
+                         datasets=["fashion-mnist", "idx"])
     p.add_argument("--lr", type=float)
     p.add_argument("--weight-decay", type=float)
     p.add_argument("--channels", type=int, help="the first convolution's width (the second: twice)")
     p.add_argument("--code-dim", type=int, help="the bottleneck's size")
     p.add_argument("--augment", choices=["none", "flip"])
     p.add_argument("--val-fraction", type=float)
-    p.add_argument("--seed", type=int)
-    p.add_argument("--device", default="auto", help="auto, cpu or cuda")
-    p.add_argument("--out", default="runs", help="runs are written to OUT/autoencoder/<stamp>/")
-    p.add_argument("--resume", help="a run folder whose last.pt to continue from")
-    p.add_argument("--dry-run", action="store_true", help="two batches per epoch, to check the plumbing")
-    p.add_argument("--no-progress", action="store_true", help="hide the tqdm bars")
+    cli.add_run_flags(p, "autoencoder", stop_after=False)
     return p.parse_args(argv)
 
 
@@ -93,7 +86,7 @@ def per_image_error(reconstruction: torch.Tensor, target: torch.Tensor) -> torch
 def train_epoch(config: dict, model: Autoencoder, optimizer, scheduler, data: Dataset, epoch: int,
                 device: torch.device, max_batches: int | None, progress: bool) -> float:
     model.train()
-    generator = torch.Generator().manual_seed(config["seed"] * 1000 + epoch)  # a resumed run draws the same batches
+    generator = torch.Generator().manual_seed(epoch_seed(config["seed"], epoch))  # a resumed run draws the same batches
     batches = torch.randperm(len(data), generator=generator).split(config["batch_size"])[:max_batches]
     total, seen = 0.0, 0
     bar = tqdm(batches, desc=f"epoch {epoch}/{config['epochs']}", leave=False, disable=not progress)
@@ -154,12 +147,7 @@ def plot_curves(history: list[dict], path: Path, title: str) -> None:
 def main(args: argparse.Namespace) -> Path:
     """Train as `args` say; returns the run folder."""
     progress = not args.no_progress
-    if args.resume:
-        run_dir = Path(args.resume)
-        state = torch.load(run_dir / "last.pt", map_location="cpu", weights_only=False)
-        config = state["config"]
-    else:
-        config, state = resolve_config(args), None
+    config, state = start_or_resume(args, resolve_config)
     device = pick_device(args.device)
     torch.use_deterministic_algorithms(True, warn_only=True)
 
@@ -178,6 +166,7 @@ def main(args: argparse.Namespace) -> Path:
         run_dir = new_run_dir(args.out, "autoencoder", config["seed"])
         history, best, start_epoch, wall_before = [], {"val_mse": math.inf, "epoch": 0}, 1, 0.0
     else:
+        run_dir = Path(args.resume)
         model.load_state_dict(state["model"])
         optimizer.load_state_dict(state["optimizer"])
         scheduler.load_state_dict(state["scheduler"])
@@ -211,7 +200,7 @@ def main(args: argparse.Namespace) -> Path:
             raise SystemExit(f"training diverged at epoch {epoch}")
 
     wall = wall_before + time.perf_counter() - started
-    model.load_state_dict(torch.load(run_dir / "best.pt", map_location="cpu", weights_only=False)["model"])
+    load_best_weights(model, run_dir)
     test_images, test_labels = test.images, test.labels
     if args.dry_run:
         test_images, test_labels = test.images[:1000], test.labels[:1000]

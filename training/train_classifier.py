@@ -1,7 +1,7 @@
-"""Train an MLP, CNN, ResNet or DenseNet-BC classifier.
+"""Train an MLP, CNN, ResNet or DenseNet-BC classifier (the CLI; what every trainer shares is training/common.py).
 
-    python -m training.train --preset release-cnn --seed 0
-    python -m training.train --model mlp --dataset digits --epochs 2 --dry-run
+    python -m training.train_classifier --preset release-cnn --seed 0
+    python -m training.train_classifier --model mlp --dataset digits --epochs 2 --dry-run
 
 Writes runs/<model>/<stamp>/ with config.json (every setting, the data files' SHA-256, hardware),
 metrics.json (per-epoch curves, best epoch, test accuracy), best.pt (best-validation weights + config),
@@ -13,10 +13,7 @@ from __future__ import annotations
 import argparse
 import json
 import math
-import platform
 import time
-from dataclasses import dataclass
-from datetime import datetime, timezone
 from pathlib import Path
 
 import torch
@@ -24,7 +21,10 @@ import torch.nn.functional as F
 from tqdm import tqdm
 
 from training import cli
+from training.common import (TrainSetup, augment_batch, epoch_seed, hardware_description, load_best_weights,
+                             new_run_dir, pick_device, start_or_resume, stops_here, training_setup, write_run_record)
 from training.data import Dataset, channel_stats, load_dataset, normalise, sha256_file, train_val_split
+from training.metrics import evaluate_classifier
 from training.models import build_classifier, count_parameters
 from training.plots import confusion_matrix, plot_confusion, plot_curves
 
@@ -107,18 +107,10 @@ PRESETS = {
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--preset", choices=sorted(PRESETS), help="a named recipe; explicit flags override it")
+    cli.add_recipe_flags(p, PRESETS, "MNIST-format folder (or CIFAR-10 batches folder) instead of the default",
+                         datasets=["fashion-mnist", "idx", "cifar10", "digits"])
     p.add_argument("--model", choices=["mlp", "cnn", "resnet", "densenet"])
-    p.add_argument("--dataset", choices=["fashion-mnist", "idx", "cifar10", "digits"])
-    p.add_argument("--data-dir", help="MNIST-format folder (or CIFAR-10 batches folder) instead of the default")
-    p.add_argument("--epochs", type=int)
-    p.add_argument("--batch-size", type=int)
-    p.add_argument("--optimizer", choices=["sgd", "rmsprop", "adam", "adamw"])
-    p.add_argument("--lr", type=float)
-    p.add_argument("--momentum", type=float)
-    p.add_argument("--weight-decay", type=float)
-    p.add_argument("--schedule", choices=["constant", "cosine", "onecycle"])
-    p.add_argument("--warmup-epochs", type=int, help="linear warm-up before a cosine schedule")
+    cli.add_optimiser_flags(p)
     p.add_argument("--augment", choices=AUGMENTATIONS)
     p.add_argument("--label-smoothing", type=float)
     p.add_argument("--init", choices=["default", "xavier-uniform", "xavier-normal", "kaiming-normal"])
@@ -129,11 +121,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--width", type=float, help="ResNet width multiplier")
     p.add_argument("--growth-rate", type=int, help="DenseNet growth rate k (its depth is --depth, 6n+4)")
     p.add_argument("--val-fraction", type=float)
-    p.add_argument("--amp", choices=["auto", "bf16", "off"],
-                   help="bf16 autocast for training (auto: where the CPU has bf16 or on CUDA)")
-    p.add_argument("--channels-last", choices=["on", "off"],
-                   help="NHWC activations for conv nets in training (on: 1.1-1.2x faster steps on an AVX2 CPU in "
-                        "fp32, make bench-train)")
+    cli.add_precision_flags(p, "NHWC activations for conv nets in training (on: 1.1-1.2x faster steps on an AVX2 "
+                               "CPU in fp32, make bench-train)")
     p.add_argument("--init-from", help="a best.pt whose weights this run starts from (fine-tuning); its SHA-256 "
                    "is recorded")
     p.add_argument("--swa", action="store_true", default=None,
@@ -144,16 +133,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                         "becomes a soft target beside the labels (knowledge distillation)")
     p.add_argument("--distill-temperature", type=float, help="softmax temperature of the distillation term")
     p.add_argument("--distill-weight", type=float, help="share of the loss given to the teacher (the rest: labels)")
-    p.add_argument("--seed", type=int)
     p.add_argument("--split-seed", type=int, help="seed of the train/validation split (default: --seed); runs "
                    "that will be ensembled share one split so that validation stays unseen by every member")
-    p.add_argument("--device", default="auto", help="auto, cpu or cuda")
-    p.add_argument("--out", default="runs", help="runs are written to OUT/<model>/<stamp>/")
-    p.add_argument("--resume", help="a run folder whose last.pt to continue from")
-    p.add_argument("--stop-after", type=int, help="stop after this many epochs of this invocation (fit a time "
-                   "slot); --resume continues where it stopped")
-    p.add_argument("--dry-run", action="store_true", help="two batches per epoch, to check the plumbing")
-    p.add_argument("--no-progress", action="store_true", help="hide the tqdm bars")
+    cli.add_run_flags(p, "<model>")
     return p.parse_args(argv)
 
 
@@ -163,142 +145,13 @@ def resolve_config(args: argparse.Namespace) -> dict:
 
 def command_for(config: dict) -> str:
     """The shortest command line that reproduces `config`: its preset plus every setting that differs."""
-    return cli.command_for(config, DEFAULTS, PRESETS, "training.train")
+    return cli.command_for(config, DEFAULTS, PRESETS, "training.train_classifier")
 
-
-def uses_channels_last(config: dict, use_bf16: bool) -> bool:
-    """NHWC memory format for conv nets. Runs recorded before --channels-last existed used it with bf16 only,
-    and keep doing so on --resume so that they continue exactly."""
-    if config["model"] == "mlp":
-        return False
-    if config.get("channels_last") is None:
-        return use_bf16
-    return config["channels_last"] == "on"
 
 
 def split_seed(config: dict) -> int:
     """The train/validation split's seed; runs recorded before --split-seed existed split by --seed."""
     return config["seed"] if config.get("split_seed") is None else config["split_seed"]
-
-
-def cpu_has_bf16() -> bool:
-    try:
-        flags = Path("/proc/cpuinfo").read_text()
-    except OSError:
-        return False
-    return "avx512_bf16" in flags or "amx_bf16" in flags
-
-
-def write_run_record(run_dir: Path, record: dict, first_epoch: int) -> dict:
-    """Write config.json. A run resumed elsewhere (another machine, bf16 on or off) keeps where each stretch of
-    epochs ran under "sessions": [{first_epoch, hardware, bf16_autocast, channels_last}], oldest first; the
-    top-level "hardware" is the latest. Returns the record as written."""
-    path = run_dir / "config.json"
-    sessions = []
-    if first_epoch > 1 and path.exists():
-        previous = json.loads(path.read_text())
-        sessions = previous.get("sessions") or [session_of(previous, 1)]
-    sessions = [s for s in sessions if s["first_epoch"] < first_epoch] + [session_of(record, first_epoch)]
-    record = record | {"sessions": sessions}
-    path.write_text(json.dumps(record, indent=2))
-    return record
-
-
-def session_of(record: dict, first_epoch: int) -> dict:
-    return {"first_epoch": first_epoch, "hardware": record.get("hardware"),
-            "bf16_autocast": record.get("bf16_autocast"), "channels_last": record.get("channels_last")}
-
-
-def hardware_description(device: torch.device) -> str:
-    if device.type == "cuda":
-        return f"CUDA {torch.cuda.get_device_name(device)}"
-    model = platform.processor() or "cpu"
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                model = line.split(":", 1)[1].strip()
-                break
-    except OSError:
-        pass
-    return f"CPU {model}, {torch.get_num_threads()} threads"
-
-
-# --- augmentation on uint8 batches ------------------------------------------------------------------
-def augment_batch(images: torch.Tensor, kind: str, generator: torch.Generator) -> torch.Tensor:
-    """Random shifts of up to 2 pixels (zero padding), horizontal flips, random erasing (p=0.5).
-
-    Flips keep Fashion-MNIST labels (garments are left-right symmetric); shifts model imperfect
-    centring; erasing (Zhong et al. 2017) makes the net use the whole item, not one telltale patch.
-    """
-    if kind == "none":
-        return images
-    n, _, h, w = images.shape
-    out = images.clone()
-    if "shift" in kind:
-        pad = 2
-        padded = F.pad(images, (pad, pad, pad, pad))
-        dy = torch.randint(0, 2 * pad + 1, (n,), generator=generator)
-        dx = torch.randint(0, 2 * pad + 1, (n,), generator=generator)
-        rows = (dy.view(n, 1) + torch.arange(h)).view(n, 1, h, 1).expand(n, images.shape[1], h, w + 2 * pad)
-        cols = (dx.view(n, 1) + torch.arange(w)).view(n, 1, 1, w).expand(n, images.shape[1], h, w)
-        out = padded.gather(2, rows).gather(3, cols)
-    if "flip" in kind:
-        flip = torch.rand(n, generator=generator) < 0.5
-        out[flip] = out[flip].flip(-1)
-    if "erase" in kind:
-        erase = (torch.rand(n, generator=generator) < 0.5).nonzero().flatten().tolist()
-        for i in erase:
-            eh = int(torch.randint(h // 8, h // 2 + 1, (1,), generator=generator))
-            ew = int(torch.randint(w // 8, w // 2 + 1, (1,), generator=generator))
-            y0 = int(torch.randint(0, h - eh + 1, (1,), generator=generator))
-            x0 = int(torch.randint(0, w - ew + 1, (1,), generator=generator))
-            out[i, :, y0:y0 + eh, x0:x0 + ew] = torch.randint(
-                0, 256, (out.shape[1], eh, ew), generator=generator, dtype=torch.uint8)
-    return out
-
-
-# --- optimisation -----------------------------------------------------------------------------------
-def make_optimizer(config: dict, model: torch.nn.Module) -> torch.optim.Optimizer:
-    # Weight decay on weights only: decaying batch-norm scales and biases only fights the normalisation.
-    decay = [p for p in model.parameters() if p.dim() > 1]
-    no_decay = [p for p in model.parameters() if p.dim() <= 1]
-    groups = [{"params": decay, "weight_decay": config["weight_decay"]}, {"params": no_decay, "weight_decay": 0.0}]
-    lr, name = config["lr"], config["optimizer"]
-    if name == "sgd":
-        return torch.optim.SGD(groups, lr=lr, momentum=config["momentum"], nesterov=config["momentum"] > 0)
-    if name == "rmsprop":
-        return torch.optim.RMSprop(groups, lr=lr)
-    if name == "adam":
-        return torch.optim.Adam(groups, lr=lr)
-    return torch.optim.AdamW(groups, lr=lr)
-
-
-def make_scheduler(config: dict, optimizer: torch.optim.Optimizer, steps_per_epoch: int):
-    total = config["epochs"] * steps_per_epoch
-    if config["schedule"] == "onecycle":
-        return torch.optim.lr_scheduler.OneCycleLR(optimizer, max_lr=config["lr"], total_steps=total)
-    if config["schedule"] == "cosine":
-        warmup = config["warmup_epochs"] * steps_per_epoch
-
-        def factor(step: int) -> float:
-            if step < warmup:
-                return (step + 1) / warmup
-            return 0.5 * (1 + math.cos(math.pi * (step - warmup) / max(1, total - warmup)))
-
-        return torch.optim.lr_scheduler.LambdaLR(optimizer, factor)
-    return torch.optim.lr_scheduler.LambdaLR(optimizer, lambda step: 1.0)
-
-
-@dataclass
-class TrainSetup:
-    model: torch.nn.Module
-    optimizer: torch.optim.Optimizer
-    scheduler: object
-    device: torch.device
-    mean: list[float]
-    std: list[float]
-    use_bf16: bool
-    channels_last: bool
 
 
 def distillation_loss(logits: torch.Tensor, teacher_log_probs: torch.Tensor, temperature: float) -> torch.Tensor:
@@ -331,8 +184,8 @@ def train_epoch(config: dict, setup: TrainSetup, data: Dataset, epoch: int, max_
     model = setup.model
     model.train()
     # Per-epoch seeds make a resumed run draw exactly the batches and dropout masks an uninterrupted one would.
-    torch.manual_seed(config["seed"] * 1000 + epoch)
-    generator = torch.Generator().manual_seed(config["seed"] * 1000 + epoch)
+    torch.manual_seed(epoch_seed(config["seed"], epoch))
+    generator = torch.Generator().manual_seed(epoch_seed(config["seed"], epoch))
     order = torch.randperm(len(data), generator=generator)
     batches = order.split(config["batch_size"])[:max_batches]
     total_loss, correct, seen = 0.0, 0, 0
@@ -361,28 +214,6 @@ def train_epoch(config: dict, setup: TrainSetup, data: Dataset, epoch: int, max_
     return total_loss / seen, correct / seen
 
 
-@torch.no_grad()
-def evaluate(model: torch.nn.Module, data: Dataset, mean: list[float], std: list[float], device: torch.device,
-             batch_size: int = 512, max_batches: int | None = None) -> dict:
-    """fp32 evaluation: loss, accuracy and per-image predictions (what export parity is checked against)."""
-    model.eval()
-    losses, predictions, labels = [], [], []
-    for start in list(range(0, len(data), batch_size))[:max_batches]:
-        x = normalise(data.images[start:start + batch_size].to(device), mean, std)
-        y = data.labels[start:start + batch_size].to(device)
-        logits = model(x).float()
-        losses.append(F.cross_entropy(logits, y, reduction="sum").item())
-        predictions.append(logits.argmax(1).cpu())
-        labels.append(y.cpu())
-    predictions, labels = torch.cat(predictions), torch.cat(labels)
-    return {
-        "loss": sum(losses) / len(labels),
-        "accuracy": (predictions == labels).float().mean().item(),
-        "predictions": predictions.numpy(),
-        "labels": labels.numpy(),
-    }
-
-
 SWA_BN_IMAGES = 10_000  # training images (unaugmented) over which the averaged model's batch-norm statistics are recomputed
 
 
@@ -390,19 +221,6 @@ def batch_norm_batches(data: Dataset, mean, std, device: torch.device, seed: int
     """A fixed subset of the training images, normalised, for torch.optim.swa_utils.update_bn."""
     index = torch.randperm(len(data), generator=torch.Generator().manual_seed(seed))[:SWA_BN_IMAGES]
     return [normalise(data.images[chunk].to(device), mean, std) for chunk in index.split(batch_size)]
-
-
-def pick_device(name: str) -> torch.device:
-    if name == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    return torch.device(name)
-
-
-def new_run_dir(out: str, model: str, seed: int) -> Path:
-    stamp = datetime.now(timezone.utc).strftime("%Y%m%d-%H%M%S")
-    run_dir = Path(out) / model / f"{stamp}-seed{seed}"
-    run_dir.mkdir(parents=True, exist_ok=False)
-    return run_dir
 
 
 def build_setup(config: dict, device: torch.device, in_shape: tuple, num_classes: int, mean, std,
@@ -413,26 +231,13 @@ def build_setup(config: dict, device: torch.device, in_shape: tuple, num_classes
         activation=config["activation"], hidden=config["hidden"], dropout=config["dropout"],
         depth=config["depth"], width=config["width"], growth_rate=config.get("growth_rate"),
     )
-    use_bf16 = config["amp"] == "bf16" or (config["amp"] == "auto" and (device.type == "cuda" or cpu_has_bf16()))
-    channels_last = uses_channels_last(config, use_bf16)
-    model = model.to(device)
-    if channels_last:
-        model = model.to(memory_format=torch.channels_last)
-    optimizer = make_optimizer(config, model)
-    scheduler = make_scheduler(config, optimizer, steps_per_epoch)
-    return TrainSetup(model, optimizer, scheduler, device, mean, std, use_bf16, channels_last), model_config
+    return training_setup(config, model, device, mean, std, steps_per_epoch), model_config
 
 
 def main(args: argparse.Namespace) -> Path:
     """Train as `args` say; returns the run folder."""
     progress = not args.no_progress
-    if args.resume:
-        run_dir = Path(args.resume)
-        state = torch.load(run_dir / "last.pt", map_location="cpu", weights_only=False)
-        config = state["config"]
-    else:
-        config = resolve_config(args)
-        state = None
+    config, state = start_or_resume(args, resolve_config)
     device = pick_device(args.device)
     torch.use_deterministic_algorithms(True, warn_only=True)
 
@@ -460,6 +265,7 @@ def main(args: argparse.Namespace) -> Path:
         run_dir = new_run_dir(args.out, config["model"], config["seed"])
         history, best, start_epoch, wall_before = [], {"val_acc": -1.0, "epoch": 0}, 1, 0.0
     else:
+        run_dir = Path(args.resume)
         if swa_model is not None:
             swa_model.load_state_dict(state["swa_model"])
         setup.model.load_state_dict(state["model"])
@@ -488,7 +294,7 @@ def main(args: argparse.Namespace) -> Path:
             swa_model.update_parameters(setup.model)
             torch.optim.swa_utils.update_bn(bn_batches[:max_batches], swa_model)
             kept = swa_model.module
-        val_metrics = evaluate(kept, val, mean, std, device, max_batches=max_batches)
+        val_metrics = evaluate_classifier(kept, val, mean, std, device, max_batches=max_batches)
         history.append({"epoch": epoch, "train_loss": train_loss, "train_acc": train_acc,
                         "val_loss": val_metrics["loss"], "val_acc": val_metrics["accuracy"],
                         "lr": setup.optimizer.param_groups[0]["lr"]})
@@ -504,14 +310,12 @@ def main(args: argparse.Namespace) -> Path:
                     "swa_model": swa_model.state_dict() if swa_model is not None else None}, run_dir / "last.pt")
         print(f"epoch {epoch:3d}  train loss {train_loss:.4f} acc {train_acc:.4f}  "
               f"val loss {val_metrics['loss']:.4f} acc {val_metrics['accuracy']:.4f}  ({wall:.0f}s)", flush=True)
-        if args.stop_after and epoch - start_epoch + 1 >= args.stop_after and epoch < config["epochs"]:
-            print(f"stopped after epoch {epoch}; continue with --resume {run_dir}", flush=True)
+        if stops_here(args.stop_after, epoch, start_epoch, config["epochs"], run_dir):
             return run_dir
 
     wall = wall_before + time.perf_counter() - started
-    best_state = torch.load(run_dir / "best.pt", map_location="cpu", weights_only=False)
-    setup.model.load_state_dict(best_state["model"])
-    test_metrics = evaluate(setup.model, test, mean, std, device, max_batches=max_batches)
+    load_best_weights(setup.model, run_dir)
+    test_metrics = evaluate_classifier(setup.model, test, mean, std, device, max_batches=max_batches)
     matrix = confusion_matrix(test_metrics["labels"], test_metrics["predictions"], len(test.label_names))
     metrics = {"history": history, "best_epoch": best["epoch"], "best_val_acc": best["val_acc"],
                "test_acc_torch": test_metrics["accuracy"], "test_loss_torch": test_metrics["loss"],

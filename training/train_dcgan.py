@@ -32,11 +32,12 @@ import torch.nn.functional as F
 from tqdm import tqdm
 
 from training import cli
+from training.common import (epoch_seed, hardware_description, new_run_dir, pick_device, start_or_resume, stops_here,
+                             write_run_record)
 from training.data import load_dataset
 from training.models import count_parameters
 from training.models.dcgan import DCGANConfig, Discriminator, Generator, initialise_dcgan
 from training.plots import plot_gan_curves, save_image_grid
-from training.train import hardware_description, new_run_dir, pick_device, write_run_record
 
 DEFAULTS = dict(
     model="dcgan", dataset="fashion-mnist", data_dir=None, epochs=20, batch_size=128, lr_g=2e-4, lr_d=2e-4,
@@ -71,11 +72,8 @@ GRID_NOISE_SEED = 1234  # the fixed noise behind every epoch's sample grid, the 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--preset", choices=sorted(PRESETS), help="a named recipe; explicit flags override it")
-    p.add_argument("--dataset", choices=["fashion-mnist", "idx"])
-    p.add_argument("--data-dir", help="MNIST-format folder of 28x28 images instead of the default Fashion-MNIST")
-    p.add_argument("--epochs", type=int)
-    p.add_argument("--batch-size", type=int)
+    cli.add_recipe_flags(p, PRESETS, "MNIST-format folder of 28x28 images instead of the default Fashion-MNIST",
+                         datasets=["fashion-mnist", "idx"])
     p.add_argument("--lr-g", type=float, help="generator learning rate")
     p.add_argument("--lr-d", type=float, help="discriminator learning rate")
     p.add_argument("--beta1", type=float)
@@ -89,13 +87,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                    "images and of the generator's on its samples (0: off, no class head)")
     p.add_argument("--ema-decay", type=float, help="keep a moving average of the generator's weights with this "
                    "decay per generator step, and save it as the generator (0: off)")
-    p.add_argument("--seed", type=int)
-    p.add_argument("--device", default="auto", help="auto, cpu or cuda")
-    p.add_argument("--out", default="runs", help="runs are written to OUT/dcgan/<stamp>/")
-    p.add_argument("--resume", help="a run folder whose last.pt to continue from (with --epochs: a new length)")
-    p.add_argument("--stop-after", type=int, help="stop after this many epochs of this invocation")
-    p.add_argument("--dry-run", action="store_true", help="two batches per epoch, to check the plumbing")
-    p.add_argument("--no-progress", action="store_true", help="hide the tqdm bars")
+    cli.add_run_flags(p, "dcgan",
+                      resume_help="a run folder whose last.pt to continue from (with --epochs: a new length)")
     return p.parse_args(argv)
 
 
@@ -167,8 +160,8 @@ def train_epoch(config: dict, generator: Generator, discriminator: Discriminator
     generator.train()
     discriminator.train()
     # Per-epoch seeds make a resumed run draw exactly the batches and noise an uninterrupted one would.
-    torch.manual_seed(config["seed"] * 1000 + epoch)
-    order_rng = torch.Generator().manual_seed(config["seed"] * 1000 + epoch)
+    torch.manual_seed(epoch_seed(config["seed"], epoch))
+    order_rng = torch.Generator().manual_seed(epoch_seed(config["seed"], epoch))
     batches = torch.randperm(len(labels), generator=order_rng).split(config["batch_size"])[:max_batches]
     aux_weight = config.get("aux_weight", 0.0)
     sums = dict(loss_d=0.0, loss_g=0.0, d_real=0.0, d_fake=0.0)
@@ -228,21 +221,15 @@ def save_epoch_grid(generator: Generator, cfg: DCGANConfig, device: torch.device
 def main(args: argparse.Namespace) -> Path:
     """Train as `args` say; returns the run folder."""
     progress = not args.no_progress
-    if args.resume:
-        run_dir = Path(args.resume)
-        state = torch.load(run_dir / "last.pt", map_location="cpu", weights_only=False)
-        config = state["config"]
-        if args.epochs is not None and args.epochs != config["epochs"]:
-            # A GAN's rates are constant, so the planned length changes nothing already done: a run can be
-            # extended, or ended where it stands (--epochs <epochs done>), and the change is recorded.
-            if args.epochs < state["epoch"]:
-                raise SystemExit(f"{run_dir} has already trained {state['epoch']} epochs")
-            config = {**config, "epochs": args.epochs,
-                      "epochs_changes": [*config.get("epochs_changes", []),
-                                         {"after_epoch": state["epoch"], "from": config["epochs"], "to": args.epochs}]}
-    else:
-        config = resolve_config(args)
-        state = None
+    config, state = start_or_resume(args, resolve_config)
+    if state is not None and args.epochs is not None and args.epochs != config["epochs"]:
+        # A GAN's rates are constant, so the planned length changes nothing already done: a run can be
+        # extended, or ended where it stands (--epochs <epochs done>), and the change is recorded.
+        if args.epochs < state["epoch"]:
+            raise SystemExit(f"{args.resume} has already trained {state['epoch']} epochs")
+        config = {**config, "epochs": args.epochs,
+                  "epochs_changes": [*config.get("epochs_changes", []),
+                                     {"after_epoch": state["epoch"], "from": config["epochs"], "to": args.epochs}]}
     device = pick_device(args.device)
 
     train = load_dataset(config["dataset"], "train", config["data_dir"])
@@ -263,6 +250,7 @@ def main(args: argparse.Namespace) -> Path:
         run_dir = new_run_dir(args.out, "dcgan", config["seed"])
         history, start_epoch, wall_before = [], 1, 0.0
     else:
+        run_dir = Path(args.resume)
         generator.load_state_dict(state["generator"])
         discriminator.load_state_dict(state["discriminator"])
         for key, optimizer in optimizers.items():
@@ -293,7 +281,7 @@ def main(args: argparse.Namespace) -> Path:
         sampled, weights, kept = generator, "live", {}
         if average is not None:
             refresh_batch_norm(average, cfg, 2 if args.dry_run else EMA_BN_BATCHES, config["batch_size"],
-                               config["seed"] * 1000 + epoch, device)
+                               epoch_seed(config["seed"], epoch), device)
             sampled, weights, kept = average, "ema", {"generator_live": generator.state_dict()}
         wall = wall_before + time.perf_counter() - started
         history.append({"epoch": epoch, **losses, "wall_seconds": wall})
@@ -314,8 +302,7 @@ def main(args: argparse.Namespace) -> Path:
               f"D(x) {losses['d_real']:.3f} D(G(z)) {losses['d_fake']:.3f}{aux}  ({wall:.0f}s)", flush=True)
         if not all(math.isfinite(v) for v in losses.values()):
             raise SystemExit(f"training diverged at epoch {epoch}: {losses}")
-        if args.stop_after and epoch - start_epoch + 1 >= args.stop_after and epoch < config["epochs"]:
-            print(f"stopped after epoch {epoch}; continue with --resume {run_dir}", flush=True)
+        if stops_here(args.stop_after, epoch, start_epoch, config["epochs"], run_dir):
             return run_dir
 
     wall = wall_before + time.perf_counter() - started

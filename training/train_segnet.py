@@ -23,25 +23,22 @@ import json
 import math
 import time
 import warnings
-from dataclasses import dataclass
 from pathlib import Path
 
-import numpy as np
 import torch
 import torch.nn.functional as F
 from tqdm import tqdm
 
 from training import cli
+from training.common import (TrainSetup, epoch_seed, hardware_description, load_best_weights, make_optimizer,
+                             new_run_dir, pick_device, start_or_resume, stops_here, training_setup, write_run_record)
 from training.data import Dataset, channel_stats, load_dataset, normalise, train_val_split
-from training.metrics import pixel_confusion, segmentation_scores
+from training.metrics import evaluate_classifier, pixel_confusion, segmentation_scores
 from training.models import build_segmenter, count_parameters
 from training.plots import plot_class_iou, plot_scenes, plot_segmentation_curves
 from training.scenes import (ITEM_THRESHOLD, MAX_ITEMS, SCALE_RANGE, STATS_SCENE_SEED_OFFSET, TEST_SCENE_SEED,
                              TEST_SCENES, VAL_SCENE_SEED_OFFSET, Scenes, fixed_test_scenes, make_scenes,
                              scene_label_names, write_example_sheet)
-from training.train import (cpu_has_bf16, evaluate as evaluate_classifier, hardware_description, make_optimizer,
-                            make_scheduler, new_run_dir, pick_device, uses_channels_last, write_run_record)
-
 # Every setting a run records. Presets override these; explicit flags override presets.
 DEFAULTS = dict(
     model="segnet", dataset="fashion-mnist", data_dir=None, epochs=10, batch_size=64,
@@ -86,16 +83,8 @@ PRESETS = {
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--preset", choices=sorted(PRESETS), help="a named recipe; explicit flags override it")
-    p.add_argument("--data-dir", help="MNIST-format folder instead of the default Fashion-MNIST location")
-    p.add_argument("--epochs", type=int)
-    p.add_argument("--batch-size", type=int)
-    p.add_argument("--optimizer", choices=["sgd", "rmsprop", "adam", "adamw"])
-    p.add_argument("--lr", type=float)
-    p.add_argument("--momentum", type=float)
-    p.add_argument("--weight-decay", type=float)
-    p.add_argument("--schedule", choices=["constant", "cosine", "onecycle"])
-    p.add_argument("--warmup-epochs", type=int, help="linear warm-up before a cosine schedule")
+    cli.add_recipe_flags(p, PRESETS, "MNIST-format folder instead of the default Fashion-MNIST location")
+    cli.add_optimiser_flags(p)
     p.add_argument("--widths", type=int, nargs="+", help="channels of each encoder stage (stride 2**stages)")
     p.add_argument("--convs-per-stage", type=int)
     p.add_argument("--init", choices=["default", "xavier-uniform", "xavier-normal", "kaiming-normal"])
@@ -104,23 +93,13 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--val-scenes", type=int)
     p.add_argument("--val-fraction", type=float)
     p.add_argument("--augment", choices=["none", "flip"], help="mirror each item of a training scene with p=1/2")
-    p.add_argument("--amp", choices=["auto", "bf16", "off"],
-                   help="bf16 autocast for training (auto: where the CPU has bf16 or on CUDA)")
-    p.add_argument("--channels-last", choices=["on", "off"],
-                   help="NHWC activations in training (on: 1.19x faster steps on an AVX2 CPU in fp32, "
-                        "make bench-train)")
+    cli.add_precision_flags(p, "NHWC activations in training (on: 1.19x faster steps on an AVX2 CPU in fp32, "
+                               "make bench-train)")
     p.add_argument("--pretrain-epochs", type=int,
                    help="first train the encoder alone as a classifier of single items for this many epochs")
     p.add_argument("--pretrain-canvas", type=int, nargs=2, metavar=("H", "W"),
                    help="canvas of the single-item pretraining scenes, multiples of the stride")
-    p.add_argument("--seed", type=int)
-    p.add_argument("--device", default="auto", help="auto, cpu or cuda")
-    p.add_argument("--out", default="runs", help="runs are written to OUT/segnet/<stamp>/")
-    p.add_argument("--resume", help="a run folder whose last.pt to continue from")
-    p.add_argument("--stop-after", type=int, help="stop after this many epochs of this invocation (fit a time "
-                   "slot); --resume continues where it stopped")
-    p.add_argument("--dry-run", action="store_true", help="two batches per epoch and per evaluation")
-    p.add_argument("--no-progress", action="store_true", help="hide the tqdm bars")
+    cli.add_run_flags(p, "segnet", dry_run_help="two batches per epoch and per evaluation")
     return p.parse_args(argv)
 
 
@@ -134,34 +113,18 @@ def command_for(config: dict) -> str:
 
 
 # --- training ---------------------------------------------------------------------------------------
-@dataclass
-class TrainSetup:
-    model: torch.nn.Module
-    optimizer: torch.optim.Optimizer
-    scheduler: object
-    device: torch.device
-    mean: list[float]
-    std: list[float]
-    use_bf16: bool
-    channels_last: bool
-
-
-def epoch_scene_seed(seed: int, epoch: int) -> int:
-    return seed * 1000 + epoch
-
-
 def train_epoch(config: dict, setup: TrainSetup, train_items, epoch: int, max_batches: int | None,
                 progress: bool) -> tuple[float, float]:
     model = setup.model
     model.train()
-    torch.manual_seed(epoch_scene_seed(config["seed"], epoch))
+    torch.manual_seed(epoch_seed(config["seed"], epoch))
     n = config["train_scenes_per_epoch"]
     if max_batches is not None:
         n = min(n, max_batches * config["batch_size"])
     height, width = config["canvas"]
     # Fresh scenes each epoch: the generator is cheap next to a training step, and new layouts every epoch
     # mean the net cannot memorise a fixed set of scenes.
-    scenes = make_scenes(train_items, n, epoch_scene_seed(config["seed"], epoch), height, width,
+    scenes = make_scenes(train_items, n, epoch_seed(config["seed"], epoch), height, width,
                          flip=config["augment"] == "flip")
     total_loss, correct, seen = 0.0, 0, 0
     starts = range(0, n, config["batch_size"])
@@ -260,7 +223,7 @@ def pretrain_encoder(config: dict, setup: TrainSetup, train_items, val_items, ma
     history = []
     for epoch in range(1, epochs + 1):
         classifier.train()
-        x_all, y_all = single_item_scenes(train_items, n, PRETRAIN_SCENE_SEED_OFFSET + epoch_scene_seed(
+        x_all, y_all = single_item_scenes(train_items, n, PRETRAIN_SCENE_SEED_OFFSET + epoch_seed(
             config["seed"], epoch), config["pretrain_canvas"], flip=config["augment"] == "flip")
         total_loss, correct = 0.0, 0
         bar = tqdm(range(0, n, bs), desc=f"encoder pretraining {epoch}/{epochs}", leave=False, disable=not progress)
@@ -292,14 +255,7 @@ def build_setup(config: dict, device: torch.device, num_classes: int, mean, std,
     torch.manual_seed(config["seed"])
     model, model_config = build_segmenter(config["model"], init=config["init"], num_classes=num_classes,
                                           widths=config["widths"], convs_per_stage=config["convs_per_stage"])
-    use_bf16 = config["amp"] == "bf16" or (config["amp"] == "auto" and (device.type == "cuda" or cpu_has_bf16()))
-    channels_last = uses_channels_last(config, use_bf16)
-    model = model.to(device)
-    if channels_last:
-        model = model.to(memory_format=torch.channels_last)
-    optimizer = make_optimizer(config, model)
-    scheduler = make_scheduler(config, optimizer, steps_per_epoch)
-    return TrainSetup(model, optimizer, scheduler, device, mean, std, use_bf16, channels_last), model_config
+    return training_setup(config, model, device, mean, std, steps_per_epoch), model_config
 
 
 def check_canvas(config: dict) -> None:
@@ -315,13 +271,7 @@ def check_canvas(config: dict) -> None:
 def main(args: argparse.Namespace) -> Path:
     """Train as `args` say; returns the run folder."""
     progress = not args.no_progress
-    if args.resume:
-        run_dir = Path(args.resume)
-        state = torch.load(run_dir / "last.pt", map_location="cpu", weights_only=False)
-        config = state["config"]
-    else:
-        config = resolve_config(args)
-        state = None
+    config, state = start_or_resume(args, resolve_config)
     check_canvas(config)
     device = pick_device(args.device)
     torch.use_deterministic_algorithms(True, warn_only=True)
@@ -348,6 +298,7 @@ def main(args: argparse.Namespace) -> Path:
         history, best, start_epoch, wall_before = [], {"val_miou": -1.0, "epoch": 0}, 1, 0.0
         pretrain_history = []
     else:
+        run_dir = Path(args.resume)
         setup.model.load_state_dict(state["model"])
         setup.optimizer.load_state_dict(state["optimizer"])
         setup.scheduler.load_state_dict(state["scheduler"])
@@ -372,7 +323,7 @@ def main(args: argparse.Namespace) -> Path:
     }
     record = write_run_record(run_dir, record, start_epoch)
     if state is None:
-        write_example_sheet(run_dir / "scenes.png", make_scenes(train_items, 8, epoch_scene_seed(config["seed"], 1),
+        write_example_sheet(run_dir / "scenes.png", make_scenes(train_items, 8, epoch_seed(config["seed"], 1),
                                                                 height, width), label_names, 8,
                             f"training scenes, {height}x{width}, threshold {ITEM_THRESHOLD}")
     print(f"run {run_dir}: segnet with {record['parameters']:,} parameters, stride {record['stride']}, "
@@ -403,13 +354,11 @@ def main(args: argparse.Namespace) -> Path:
         print(f"epoch {epoch:3d}  train loss {train_loss:.4f} pixel acc {train_acc:.4f}  val loss "
               f"{val_metrics['loss']:.4f} pixel acc {val_metrics['pixel_accuracy']:.4f} mIoU {val_metrics['miou']:.4f}"
               f"  ({wall:.0f}s)", flush=True)
-        if args.stop_after and epoch - start_epoch + 1 >= args.stop_after and epoch < config["epochs"]:
-            print(f"stopped after epoch {epoch}; continue with --resume {run_dir}", flush=True)
+        if stops_here(args.stop_after, epoch, start_epoch, config["epochs"], run_dir):
             return run_dir
 
     wall = wall_before + time.perf_counter() - started
-    best_state = torch.load(run_dir / "best.pt", map_location="cpu", weights_only=False)
-    setup.model.load_state_dict(best_state["model"])
+    load_best_weights(setup.model, run_dir)
     test_metrics = evaluate(setup.model, test, mean, std, device, label_names, max_batches=max_batches,
                             keep_predictions=8)
     metrics = {"pretrain_history": pretrain_history, "history": history, "best_epoch": best["epoch"],

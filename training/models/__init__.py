@@ -9,10 +9,10 @@ from torch import nn
 
 from .cnn import CNN, CNNConfig
 from .densenet import DenseNet, DenseNetConfig
-from .init import initialise
 from .mlp import MLP, MLPConfig
 from .resnet import ResNet, ResNetConfig
 from .segnet import SegNet, SegNetConfig
+from .weight_init import initialise
 
 CLASSIFIERS = {
     "mlp": (MLPConfig, MLP),

@@ -1,17 +1,19 @@
-"""The one HTTP front of every task: classification, segmentation, generation; GET /models and /models/{name}.
+"""The one BentoML service: every task's models (classification, segmentation, generation, reconstruction), the
+routes of service/<task>.py and v2.py mounted as one Starlette app, and GET /models and /models/{name}.
 
     bentoml serve service.app:VisionService        (or `make serve`)
 
 Each task keeps its models in a `TaskModels` of the one service instance, so a request goes from the
 ASGI route to onnxruntime inside one process: no second hop through BentoML's typed-API layer, which
-costs more than these models on a small machine (GUIDE, front-end cost). Configuration is read from
-VISIONSERVE_* environment variables (service/config.py, docs/SERVING.md).
+costs more than these models on a small machine (docs/ARCHITECTURE.md, front-end cost). A request reads
+top-down: the route (service/classify.py, ...), its inputs (service/parsing.py, service/images.py), the model's
+batcher (service/batching.py), onnxruntime (service/onnx_models.py). Configuration is read from VISIONSERVE_*
+environment variables (service/config.py, docs/SERVING.md).
 """
 
 from __future__ import annotations
 
 import contextlib
-import functools
 import gc
 import importlib
 import logging
@@ -27,12 +29,11 @@ from starlette.requests import Request
 from starlette.responses import JSONResponse
 from starlette.routing import Route
 
-from . import classify, explain, features, generate, metrics, segment, v2, web
-from . import reconstruct
+from . import classify, explain, features, generate, metrics, reconstruct, segment, v2, web
 from .config import ServingConfig, access_log_from_environment, tracing_from_environment, workers_from_environment
 from .errors import EXCEPTION_HANDLERS, ApiError
-from .http_front import AdmissionLimit, ControlCharactersInPath, RequestBodyLimit
 from .images import configure_pillow_limits
+from .middleware import AdmissionLimit, ControlCharactersInPath, RequestBodyLimit
 from .model_store import models_to_serve
 from .onnx_models import (GPU_INSTALL_HINT, cuda_missing, preload_cuda_libraries, requested_providers,
                           sessions_not_on_cuda)
@@ -47,17 +48,12 @@ logger = logging.getLogger("bentoml.visionserve")
 READY_LOG_LINE = "visionserve ready"
 
 
-def current_service() -> "VisionService":
-    # The instance BentoML created in this worker (routes are plain functions, the state lives there).
-    return get_current_service()
-
-
 async def list_models(request: Request) -> JSONResponse:
-    return JSONResponse(current_service().describe_models())
+    return JSONResponse(get_current_service().describe_models())
 
 
 async def show_model(request: Request) -> JSONResponse:
-    service = current_service()
+    service = get_current_service()
     name = request.path_params["name"]
     for task in service.tasks:
         if name in task.models:
@@ -86,7 +82,7 @@ async def unknown_path(request: Request) -> JSONResponse:
 
 
 async def openapi_document(request: Request) -> JSONResponse:
-    return JSONResponse(current_service().openapi_document())
+    return JSONResponse(get_current_service().openapi_document())
 
 
 @contextlib.asynccontextmanager
@@ -100,7 +96,7 @@ async def tune_gc_after_startup(app: Starlette) -> AsyncIterator[None]:
     collected every 10,000 allocations instead of 700, so that fewer in-flight request objects are
     promoted to the old generations (GC time 1.1 s -> 0.27 s per 12 s of load).
     """
-    if current_service().config.inference.tune_gc:
+    if get_current_service().config.inference.tune_gc:
         Image.init()  # Pillow imports its format plugins lazily, on the first image of an unusual format
         importlib.import_module("python_multipart")  # Starlette imports its form parser lazily too
         gc.collect()
@@ -112,7 +108,7 @@ async def tune_gc_after_startup(app: Starlette) -> AsyncIterator[None]:
 def build_front() -> Starlette:
     """The ASGI app mounted into the service; holds routing only, no state."""
     def max_body_bytes() -> int:  # one reading of the limit for both middlewares
-        return current_service().config.limits.max_body_bytes
+        return get_current_service().config.limits.max_body_bytes
 
     any_method = ["GET", "POST", "PUT", "PATCH", "DELETE"]
     return Starlette(
@@ -140,8 +136,8 @@ def build_front() -> Starlette:
             Route("/v2/{rest:path}", unknown_path, methods=any_method),
         ],
         middleware=[Middleware(AdmissionLimit,
-                               max_in_flight=lambda: current_service().config.inference.max_in_flight_requests,
-                               retry_after=lambda: current_service().config.inference.retry_after_seconds,
+                               max_in_flight=lambda: get_current_service().config.inference.max_in_flight_requests,
+                               retry_after=lambda: get_current_service().config.inference.retry_after_seconds,
                                max_body_bytes=max_body_bytes),
                     Middleware(RequestBodyLimit, max_body_bytes=max_body_bytes)],
         exception_handlers=EXCEPTION_HANDLERS,
@@ -173,15 +169,6 @@ def check_configuration_before_serving() -> None:
 check_configuration_before_serving()
 
 
-@functools.cache
-def model_provider_gauge() -> bentoml.metrics.Gauge:
-    """visionserve_model_provider{model, provider} = 1 on /metrics: which execution provider each model really runs
-    on, per live worker (made on first use, in the worker, not at import)."""
-    return bentoml.metrics.Gauge(name="visionserve_model_provider", labelnames=["model", "provider"],
-                                 documentation="1 for the execution provider each served model's session runs on",
-                                 multiprocess_mode="livemax")
-
-
 @bentoml.service(
     name="visionserve",
     # BentoML fixes workers when the class is declared; the env var is read there, once.
@@ -211,9 +198,8 @@ class VisionService:
         self.classification = TaskModels("classification", models, inference, providers)
         self.segmentation = TaskModels("segmentation", models, inference, providers)
         self.generation = TaskModels("generation", models, inference, providers)
-        self.tasks = [self.classification, self.segmentation, self.generation]
         self.reconstruction = TaskModels("reconstruction", models, inference, providers)
-        self.tasks.append(self.reconstruction)
+        self.tasks = [self.classification, self.segmentation, self.generation, self.reconstruction]
         # /similar's indexes, loaded once here and never built at request time (service/similarity.py).
         self.similarity = load_similarity_indexes(self.classification.models.values(),
                                                   threads=inference.intra_op_threads)
@@ -237,7 +223,7 @@ class VisionService:
         logger.info("VISIONSERVE_DEVICE=%s: %s", device,
                     ", ".join(f"{entry.name} on {entry.provider}" for entry in entries) or "no model loaded")
         for entry in entries:
-            model_provider_gauge().labels(model=entry.name, provider=entry.provider).set(1)
+            metrics.model_provider().labels(model=entry.name, provider=entry.provider).set(1)
             metrics.model_info().labels(model=entry.name, version=str(entry.card.get("version")),
                                         sha256=str(entry.card.get("sha256")), provider=entry.provider).set(1)
         not_on_cuda = sessions_not_on_cuda(entries)

@@ -1,8 +1,8 @@
 """Adaptive batching of concurrent requests into one model call.
 
 Written here rather than using BentoML's batchable API because that dispatcher is only reachable
-through BentoML's typed-API layer, which costs more than these models (GUIDE, front-end cost), and
-because it sheds queued requests with 503 whenever its latency estimate exceeds max_latency_ms.
+through BentoML's typed-API layer, which costs more than these models (docs/ARCHITECTURE.md, front-end
+cost), and because it sheds queued requests with 503 whenever its latency estimate exceeds max_latency_ms.
 
 The policy is "batch what is waiting": while one batch runs on the model, new requests queue; the
 next call takes everything queued, up to max_batch_size images. Under light load a request runs

@@ -158,7 +158,7 @@ class InferenceConfig:
     # queue never exceeds the number of clients times their images, so only real overload sheds.
     max_queued_images: int
     retry_after_seconds: int
-    # Requests in progress per worker before new ones get 503 at once, body unparsed (http_front.AdmissionLimit);
+    # Requests in progress per worker before new ones get 503 at once, body unparsed (middleware.AdmissionLimit);
     # 0: no limit, the default. Measured with `make overload` on 2 shared cores: a limit of 128 served 225 req/s
     # with an accepted p99 of 1.9 s where no limit served 529 req/s at 1.5 s (the refusals cost CPU too).
     max_in_flight_requests: int
@@ -189,7 +189,7 @@ class InferenceConfig:
         return cls(
             workers=workers,
             # One worker per core at most is useful; threads split the cores so workers do not
-            # oversubscribe them (GUIDE: each session uses every core by default).
+            # oversubscribe them (docs/ARCHITECTURE.md: each session uses every core by default).
             intra_op_threads=_int(environ, "THREADS", max(1, available_cores() // workers)),
             device=device,
             batching=batching == "on",

@@ -1,6 +1,6 @@
 """One error shape for every endpoint: {"error": {"code": ..., "message": ..., "field": ...}}.
 
-BentoML's own error bodies vary in shape and hide 5xx messages (GUIDE), so every route of ours
+BentoML's own error bodies vary in shape and hide 5xx messages (docs/ARCHITECTURE.md), so every route of ours
 raises `ApiError` and the handlers below turn it, and anything Starlette raises, into this shape.
 """
 

@@ -19,33 +19,22 @@ Faithfulness and cost are measured by benchmarks/explain.py (benchmarks/results/
 
 from __future__ import annotations
 
-import asyncio
 import base64
 import io
 from typing import Literal
 
 import numpy as np
 from bentoml import get_current_service
-from PIL import Image, ImageOps
-from pydantic import Field, ValidationError
+from PIL import Image
+from pydantic import BaseModel, Field
 from starlette.requests import Request
 from starlette.responses import JSONResponse, Response
-from starlette.routing import Route
 
 from .classify import top_k_predictions
 from .errors import ApiError
-from .http_front import (
-    INLINE_DECODE_BYTES,
-    ModelParams,
-    decode_base64_image,
-    load_npy_tensor,
-    parse_params,
-    read_multipart_upload,
-    validation_error,
-)
-from .images import InputSpec, decode_image, fit_to_input_spec
+from .images import InputSpec, from_chw, png_bytes
 from .onnx_models import ModelEntry
-from .task_models import TaskModels
+from .parsing import Form, ModelParams, inputs_of, routes_in_every_form
 
 CAM_OUTPUT = "cam"
 
@@ -62,11 +51,8 @@ class ExplainParams(ModelParams):
 
 
 class ExplainJsonRequest(ExplainParams):
-    images: list[str] = Field(..., min_length=1, max_length=1, description="one base64 image file")
-
-
-def classifiers() -> TaskModels:
-    return get_current_service().classification
+    # At most one, said in the schema; the route refuses more itself (one_image_only, as for the other forms).
+    images: list[str] = Field(..., min_length=1, json_schema_extra={"maxItems": 1}, description="one base64 image file")
 
 
 # --- the methods (pure numpy: tested in-process and used by benchmarks/explain.py) ----------------------------
@@ -145,9 +131,7 @@ def overlay_png(image: Image.Image, values: np.ndarray) -> bytes:
     base = np.asarray(image.convert("RGB"), np.float64)
     alpha = (0.25 + 0.5 * evidence)[..., None]
     blended = (1 - alpha) * base + alpha * heat_colours(evidence)
-    buffer = io.BytesIO()
-    Image.fromarray(np.clip(blended, 0, 255).astype(np.uint8)).save(buffer, format="PNG")
-    return buffer.getvalue()
+    return png_bytes(np.clip(blended, 0, 255).astype(np.uint8))
 
 
 def npy_base64(values: np.ndarray) -> str:
@@ -191,12 +175,11 @@ def check_occlusion_params(params: ExplainParams, spec: InputSpec) -> None:
 
 async def explain_pixels(entry: ModelEntry, pixels: np.ndarray, params: ExplainParams) -> dict:
     """uint8 [C, H, W] fitted pixels -> the explanation (maps at model size) and what was run."""
-    task = classifiers()
     spec = InputSpec.from_card(entry.card)
     labels = entry.card["labels"]
     method = chosen_method(params, entry)
     if method == "cam":
-        outputs = await task.infer(entry, pixels[None], outputs=["probabilities", CAM_OUTPUT])
+        outputs = await entry.runner.infer(pixels[None], outputs=["probabilities", CAM_OUTPUT])
         probabilities = outputs["probabilities"][0]
         target = target_index(params.target, labels, probabilities)
         values = resize_map(outputs[CAM_OUTPUT][0, target], spec.width, spec.height)
@@ -205,7 +188,7 @@ async def explain_pixels(entry: ModelEntry, pixels: np.ndarray, params: ExplainP
         check_occlusion_params(params, spec)
         copies, squares = occluded_copies(pixels, params.patch, params.stride, spec.padding_value)
         # One request of 1 + M images: one onnxruntime call (module docstring).
-        probabilities_all = await task.infer(entry, np.concatenate([pixels[None], copies]), outputs=["probabilities"])
+        probabilities_all = await entry.runner.infer(np.concatenate([pixels[None], copies]), outputs=["probabilities"])
         probabilities_all = probabilities_all["probabilities"]
         probabilities = probabilities_all[0]
         target = target_index(params.target, labels, probabilities)
@@ -238,30 +221,6 @@ def explanation_answer(entry: ModelEntry, result: dict, input_map: np.ndarray, i
     }
 
 
-def fit_one(data: bytes, field: str, spec: InputSpec, params: ExplainParams) -> tuple[Image.Image, np.ndarray, bool]:
-    image = ImageOps.exif_transpose(decode_image(data, get_current_service().config.limits.max_pixels_per_image,
-                                                 field))
-    try:
-        pixels, inverted = fit_to_input_spec(image, spec, params.invert)
-    except (ValueError, OSError) as exc:
-        raise ApiError(415, "unsupported_image", f"image mode {image.mode} cannot be fitted: {exc}", field) from None
-    return image, pixels, inverted
-
-
-async def explain_file(data: bytes, field: str, params: ExplainParams) -> Response:
-    entry = classifiers().resolve_model(params.model)
-    spec = InputSpec.from_card(entry.card)
-    if len(data) <= INLINE_DECODE_BYTES:
-        image, pixels, inverted = fit_one(data, field, spec, params)
-    else:
-        image, pixels, inverted = await asyncio.to_thread(fit_one, data, field, spec, params)
-    result = await explain_pixels(entry, pixels, params)
-    input_map = map_at_input_size(result["values"], image.width, image.height)
-    if params.format == "overlay":
-        return overlay_response(entry, result, image, input_map)
-    return JSONResponse(explanation_answer(entry, result, input_map, inverted, params.format))
-
-
 def overlay_response(entry: ModelEntry, result: dict, image: Image.Image, input_map: np.ndarray) -> Response:
     target = result["target"]
     return Response(overlay_png(image, input_map), media_type="image/png", headers={
@@ -269,49 +228,25 @@ def overlay_response(entry: ModelEntry, result: dict, image: Image.Image, input_
         "X-Target-Index": str(target), "X-Target-Probability": f"{float(result['probabilities'][target]):.6f}"})
 
 
-def one_image(count: int, field: str) -> None:
+def check_one_image(params: BaseModel, count: int, field: str) -> None:
     if count != 1:
         raise ApiError(422, "one_image_only", f"send exactly one image in '{field}' (got {count}): an explanation "
                        "is of one image", field)
 
 
-async def explain_multipart(request: Request) -> Response:
-    limits = get_current_service().config.limits
-    files, fields = await read_multipart_upload(request, limits)
-    one_image(len(files), "images")
-    params = parse_params(ExplainParams, request.query_params.multi_items(), fields)
-    (field, data), = files
-    return await explain_file(data, field, params)
-
-
-async def explain_base64(request: Request) -> Response:
-    try:
-        parsed = ExplainJsonRequest.model_validate_json(await request.body())
-    except ValidationError as exc:
-        if any(error.get("loc") == ("images",) and error.get("type") == "too_long" for error in exc.errors()):
-            raise ApiError(422, "one_image_only", "send exactly one image in 'images': an explanation is of one "
-                           "image", "images") from None
-        raise validation_error(exc) from None
-    return await explain_file(decode_base64_image(parsed.images[0], "images[0]"), "images[0]", parsed)
-
-
-async def explain_tensor(request: Request) -> Response:
-    params = parse_params(ExplainParams, request.query_params.multi_items())
-    entry = classifiers().resolve_model(params.model)
-    spec = InputSpec.from_card(entry.card)
-    pixels = load_npy_tensor(await request.body(), spec, get_current_service().config.limits)
-    one_image(len(pixels), "body")
-    if params.invert == "true":
-        pixels = 255 - pixels
-    result = await explain_pixels(entry, pixels[0], params)
+async def explain(request: Request, form: Form) -> Response:
+    inputs = await inputs_of(request, form, get_current_service().classification, ExplainParams, ExplainJsonRequest,
+                             check_count=check_one_image, keep_images=True)
+    entry, params = inputs.entry, inputs.params
+    result = await explain_pixels(entry, inputs.pixels[0], params)
+    if inputs.images is None:  # a tensor: the model's input is the input
+        image, input_map, inverted = Image.fromarray(from_chw(inputs.pixels[0])), result["values"], None
+    else:
+        image, inverted = inputs.images[0], inputs.inverted[0]
+        input_map = map_at_input_size(result["values"], image.width, image.height)
     if params.format == "overlay":
-        image = Image.fromarray(pixels[0, 0] if spec.channels == 1 else pixels[0].transpose(1, 2, 0))
-        return overlay_response(entry, result, image, result["values"])
-    return JSONResponse(explanation_answer(entry, result, result["values"], None, params.format))
+        return overlay_response(entry, result, image, input_map)
+    return JSONResponse(explanation_answer(entry, result, input_map, inverted, params.format))
 
 
-ROUTES = [
-    Route("/explain", explain_multipart, methods=["POST"]),
-    Route("/explain/json", explain_base64, methods=["POST"]),
-    Route("/explain/tensor", explain_tensor, methods=["POST"]),
-]
+ROUTES = routes_in_every_form("/explain", explain)

@@ -14,25 +14,13 @@ from typing import Literal
 
 import numpy as np
 from bentoml import get_current_service
-from pydantic import Field, ValidationError
+from pydantic import Field
 from starlette.requests import Request
 from starlette.responses import JSONResponse, Response
-from starlette.routing import Route
 
 from .errors import ApiError
-from .http_front import (
-    ModelParams,
-    check_image_count,
-    decode_base64_images,
-    fit_all_off_loop_if_large,
-    load_npy_tensor,
-    parse_params,
-    read_multipart_upload,
-    validation_error,
-)
-from .images import InputSpec
 from .onnx_models import ModelEntry
-from .task_models import TaskModels
+from .parsing import Form, ModelParams, inputs_of, routes_in_every_form
 
 NPY_MEDIA_TYPE = "application/x-npy"
 NPY_ACCEPTED = (NPY_MEDIA_TYPE, "application/octet-stream")
@@ -57,40 +45,12 @@ class SimilarJsonRequest(SimilarParams):
     images: list[str] = Field(..., min_length=1, description="base64 image files (data: URLs accepted)")
 
 
-def classifiers() -> TaskModels:
-    return get_current_service().classification
-
-
-async def pixels_from_files(entry: ModelEntry, files: list[tuple[str, bytes]], invert) -> np.ndarray:
-    pixels, _ = await fit_all_off_loop_if_large(files, InputSpec.from_card(entry.card), invert,
-                                                get_current_service().config.limits.max_pixels_per_image)
-    return pixels
-
-
-def pixels_from_tensor(entry: ModelEntry, body: bytes, invert) -> np.ndarray:
-    pixels = load_npy_tensor(body, InputSpec.from_card(entry.card), get_current_service().config.limits)
-    return 255 - pixels if invert == "true" else pixels  # tensors are model-ready; "auto" leaves them as sent
-
-
-async def inputs_of(request: Request, kind: str, params_model, json_model) -> tuple:
-    """(params, entry, pixels) of a multipart, base64 JSON or .npy request."""
-    limits = get_current_service().config.limits
-    if kind == "multipart":
-        files, fields = await read_multipart_upload(request, limits)
-        params = parse_params(params_model, request.query_params.multi_items(), fields)
-    elif kind == "json":
-        try:
-            params = json_model.model_validate_json(await request.body())
-        except ValidationError as exc:
-            raise validation_error(exc) from None
-        check_image_count(len(params.images), limits)
-        files = decode_base64_images(params.images)
-    else:
-        params = parse_params(params_model, request.query_params.multi_items())
-        entry = classifiers().resolve_model(params.model)
-        return params, entry, pixels_from_tensor(entry, await request.body(), params.invert)
-    entry = classifiers().resolve_model(params.model)
-    return params, entry, await pixels_from_files(entry, files, params.invert)
+async def embedding_of(entry: ModelEntry, pixels: np.ndarray) -> np.ndarray:
+    """float32 [N, D] from the classifier's batcher, with the /classify requests it is batched with."""
+    if "embedding" not in entry.output_names:
+        raise ApiError(400, "unknown_output", f"model {entry.name!r} has no output 'embedding'; it has "
+                       f"{entry.output_names}", "outputs")
+    return (await entry.runner.infer(pixels, ["embedding"]))["embedding"]
 
 
 def wants_npy(request: Request, params: EmbedParams) -> bool:
@@ -100,9 +60,10 @@ def wants_npy(request: Request, params: EmbedParams) -> bool:
     return any(media in accept for media in NPY_ACCEPTED)
 
 
-async def embed(request: Request, kind: str) -> Response:
-    params, entry, pixels = await inputs_of(request, kind, EmbedParams, EmbedJsonRequest)
-    embedding = (await classifiers().infer(entry, pixels, outputs=["embedding"]))["embedding"]
+async def embed(request: Request, form: Form) -> Response:
+    inputs = await inputs_of(request, form, get_current_service().classification, EmbedParams, EmbedJsonRequest)
+    params, entry = inputs.params, inputs.entry
+    embedding = await embedding_of(entry, inputs.pixels)
     version = entry.card.get("version")
     if wants_npy(request, params):
         buffer = io.BytesIO()
@@ -112,18 +73,6 @@ async def embed(request: Request, kind: str) -> Response:
                                  "X-Embedding-Dimension": str(embedding.shape[1])})
     return JSONResponse({"model": entry.name, "version": version, "tag": entry.tag, "dimension": int(embedding.shape[1]),
                          "embeddings": embedding.tolist()})
-
-
-async def embed_multipart(request: Request) -> Response:
-    return await embed(request, "multipart")
-
-
-async def embed_base64(request: Request) -> Response:
-    return await embed(request, "json")
-
-
-async def embed_tensor(request: Request) -> Response:
-    return await embed(request, "tensor")
 
 
 def similarity_index(entry: ModelEntry):
@@ -138,10 +87,11 @@ def similarity_index(entry: ModelEntry):
     return index
 
 
-async def similar(request: Request, kind: str) -> JSONResponse:
-    params, entry, pixels = await inputs_of(request, kind, SimilarParams, SimilarJsonRequest)
+async def similar(request: Request, form: Form) -> JSONResponse:
+    inputs = await inputs_of(request, form, get_current_service().classification, SimilarParams, SimilarJsonRequest)
+    params, entry = inputs.params, inputs.entry
     index = similarity_index(entry)
-    embedding = (await classifiers().infer(entry, pixels, outputs=["embedding"]))["embedding"]
+    embedding = await embedding_of(entry, inputs.pixels)
     # A flat search costs ~1.5 ms per query on one core: off the event loop, like large image decodes.
     distances, positions = await asyncio.to_thread(index.search, embedding, params.k)
     results = []
@@ -162,23 +112,4 @@ async def similar(request: Request, kind: str) -> JSONResponse:
                          "results": results})
 
 
-async def similar_multipart(request: Request) -> JSONResponse:
-    return await similar(request, "multipart")
-
-
-async def similar_base64(request: Request) -> JSONResponse:
-    return await similar(request, "json")
-
-
-async def similar_tensor(request: Request) -> JSONResponse:
-    return await similar(request, "tensor")
-
-
-ROUTES = [
-    Route("/embed", embed_multipart, methods=["POST"]),
-    Route("/embed/json", embed_base64, methods=["POST"]),
-    Route("/embed/tensor", embed_tensor, methods=["POST"]),
-    Route("/similar", similar_multipart, methods=["POST"]),
-    Route("/similar/json", similar_base64, methods=["POST"]),
-    Route("/similar/tensor", similar_tensor, methods=["POST"]),
-]
+ROUTES = [*routes_in_every_form("/embed", embed), *routes_in_every_form("/similar", similar)]

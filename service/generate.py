@@ -11,28 +11,25 @@ from __future__ import annotations
 
 import asyncio
 import base64
-import io
 import math
 import secrets
 from typing import Annotated, Literal
 
 import numpy as np
 from bentoml import get_current_service
-from PIL import Image
 from pydantic import BaseModel, BeforeValidator, ConfigDict, Field, StrictInt, StrictStr, ValidationError
 from starlette.requests import Request
 from starlette.responses import JSONResponse, Response
 from starlette.routing import Route
 
 from .errors import ApiError
-from .http_front import validation_error
+from .images import png_bytes
 from .onnx_models import ModelEntry
-from .task_models import TaskModels
+from .parsing import validation_error
 
 MAX_SEED = 2**63 - 1
 GRID_GAP = 2          # pixels between the cells of a grid or strip, at scale 1
 GRID_GAP_VALUE = 96   # mid-dark grey: the cells of light-on-dark samples stay apart without glaring lines
-
 
 
 def class_reference(value: object) -> int | str:
@@ -76,10 +73,6 @@ class InterpolateParams(BaseModel):
     steps: JsonInt = Field(8, ge=2, le=32, description="images in the strip, both ends included")
     scale: JsonInt = Field(1, ge=1, le=8, description="nearest-neighbour enlargement")
     model: StrictStr | None = Field(None, description="model name; default: the best generator by its card")
-
-
-def generators() -> TaskModels:
-    return get_current_service().generation
 
 
 def z_dim_of(entry: ModelEntry) -> int:
@@ -132,12 +125,6 @@ def enlarge(image: np.ndarray, scale: int) -> np.ndarray:
     return image if scale == 1 else np.repeat(np.repeat(image, scale, axis=0), scale, axis=1)
 
 
-def png_bytes(gray: np.ndarray) -> bytes:
-    buffer = io.BytesIO()
-    Image.fromarray(gray, mode="L").save(buffer, format="PNG")
-    return buffer.getvalue()
-
-
 def tile(pixels: np.ndarray, columns: int, scale: int) -> np.ndarray:
     """uint8 [N, 1, H, W] -> one grey image of `columns` cells per row, each enlarged by `scale`."""
     n, _, h, w = pixels.shape
@@ -179,16 +166,16 @@ def render_images(entry: ModelEntry, params: GenerateParams, seed: int, pixels: 
 
 async def generate(request: Request) -> Response:
     params = parse_body(GenerateParams, await request.body(), request.headers.get("content-type", ""))
-    limits = get_current_service().config.limits
+    service = get_current_service()
+    limits = service.config.limits
     if params.n > limits.max_samples_per_request:
         raise ApiError(422, "too_many_samples",
                        f"n={params.n}; this server's limit is {limits.max_samples_per_request} samples", "n")
-    task = generators()
-    entry = task.resolve_model(params.model)
+    entry = service.generation.resolve_model(params.model)
     class_index = None if params.class_ is None else resolve_class(params.class_, entry.card["labels"])
     seed = params.seed if params.seed is not None else secrets.randbelow(MAX_SEED + 1)
     z, labels = seeded_inputs(seed, params.n, z_dim_of(entry), len(entry.card["labels"]), class_index)
-    pixels = await task.infer(entry, {"z": z, "label": labels})
+    pixels = await entry.runner.infer({"z": z, "label": labels})
     if params.n * params.scale * params.scale > 256:  # big PNGs are encoded off the event loop
         return await asyncio.to_thread(render_images, entry, params, seed, pixels, labels)
     return render_images(entry, params, seed, pixels, labels)
@@ -196,14 +183,13 @@ async def generate(request: Request) -> Response:
 
 async def interpolate(request: Request) -> Response:
     params = parse_body(InterpolateParams, await request.body(), request.headers.get("content-type", ""))
-    task = generators()
-    entry = task.resolve_model(params.model)
+    entry = get_current_service().generation.resolve_model(params.model)
     class_index = resolve_class(params.class_, entry.card["labels"])
     z_dim = z_dim_of(entry)
     start, _ = seeded_inputs(params.from_seed, 1, z_dim, 1, 0)
     end, _ = seeded_inputs(params.to_seed, 1, z_dim, 1, 0)
     z = slerp(start[0], end[0], params.steps)
-    pixels = await task.infer(entry, {"z": z, "label": np.full(params.steps, class_index, np.int64)})
+    pixels = await entry.runner.infer({"z": z, "label": np.full(params.steps, class_index, np.int64)})
     strip = await asyncio.to_thread(tile, pixels, params.steps, params.scale)
     headers = {"X-Model": entry.name, "X-Class": str(class_index), "X-Steps": str(params.steps)}
     return Response(png_bytes(strip), media_type="image/png", headers=headers)

@@ -1,4 +1,4 @@
-"""Image decoding and fitting to a model's input spec, shared by every image-taking service.
+"""Images in and out of the routes: decoding, fitting to a model's input spec, and PNG encoding.
 
 All decoding is Pillow's; this module only decides what to do with the decoded image and turns
 Pillow's many exceptions into the API's 4xx errors.
@@ -29,10 +29,11 @@ class InputSpec:
     """The part of a model card that says how an arbitrary image becomes the model's input."""
 
     channels: int
-    height: int
-    width: int
+    height: int | None  # None: dynamic (a segmenter's input keeps the image's size, padded to `stride`)
+    width: int | None
     padding_value: int
     light_on_dark: bool  # the training images' polarity: light object on a dark background
+    stride: int = 1  # a dynamic input's height and width must be multiples of this
 
     @classmethod
     def from_card(cls, card: dict) -> "InputSpec":
@@ -40,10 +41,11 @@ class InputSpec:
         fit = spec.get("fit", {})
         return cls(
             channels=int(spec["channels"]),
-            height=int(spec["height"]),
-            width=int(spec["width"]),
+            height=spec["height"] if isinstance(spec["height"], int) else None,
+            width=spec["width"] if isinstance(spec["width"], int) else None,
             padding_value=int(fit.get("padding_value", 0)),
             light_on_dark=fit.get("polarity", "light-on-dark") == "light-on-dark",
+            stride=int(spec.get("stride", 1)),
         )
 
 
@@ -153,6 +155,20 @@ def to_model_mode(image: Image.Image, channels: int, light_on_dark: bool,
     if inverted:
         image = ImageOps.invert(image)
     return image, inverted
+
+
+def png_bytes(image: Image.Image | np.ndarray) -> bytes:
+    """A PNG file of `image`: a Pillow image, or uint8 pixels [H, W] (mode L) or [H, W, 3] (RGB)."""
+    if isinstance(image, np.ndarray):
+        image = Image.fromarray(image)
+    buffer = io.BytesIO()
+    image.save(buffer, format="PNG")
+    return buffer.getvalue()
+
+
+def from_chw(pixels: np.ndarray) -> np.ndarray:
+    """uint8 [C, H, W] (C = 1 or 3) -> [H, W] or [H, W, 3], as Pillow takes pixels."""
+    return pixels[0] if pixels.shape[0] == 1 else np.ascontiguousarray(pixels.transpose(1, 2, 0))
 
 
 def to_chw(image: Image.Image) -> np.ndarray:

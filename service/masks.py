@@ -4,11 +4,11 @@ components, and the mask and overlay PNGs. No model here, only arrays and Pillow
 
 from __future__ import annotations
 
-import io
-
 import numpy as np
 from PIL import Image, ImageDraw, ImageFont
 from scipy import ndimage
+
+from .images import png_bytes
 
 # The palette when a card has none: one colour per class index (0 = background), distinct when blended
 # over grey pixels. A segmenter's card carries its own (`palette`), used everywhere its masks are drawn.
@@ -28,12 +28,6 @@ def pad_to_multiple(pixels: np.ndarray, stride: int, value: int) -> np.ndarray:
     if pad_h == 0 and pad_w == 0:
         return pixels
     return np.pad(pixels, ((0, 0), (0, pad_h), (0, pad_w)), constant_values=value)
-
-
-def png_bytes(image: Image.Image) -> bytes:
-    buffer = io.BytesIO()
-    image.save(buffer, format="PNG")
-    return buffer.getvalue()
 
 
 def mask_png(mask: np.ndarray) -> bytes:

@@ -21,78 +21,70 @@ BATCH_BUCKETS = (1, 2, 4, 8, 16, 32, 64, 128, 256, 512, 1024)
 
 
 @functools.cache
+def metric(kind: str, name: str, documentation: str, labelnames: tuple[str, ...] = ("model",), **options):
+    """The bentoml.metrics object of that name: made on its first use, in the worker (never at import), then the
+    same object on every call."""
+    return getattr(bentoml.metrics, kind)(name=name, labelnames=list(labelnames), documentation=documentation,
+                                          **options)
+
+
 def requests_total():
-    return bentoml.metrics.Counter(name="visionserve_requests", labelnames=["route", "model", "status"],
-                                   documentation="HTTP requests answered, by route template, model and status code")
+    return metric("Counter", "visionserve_requests", "HTTP requests answered, by route template, model and status code",
+                  ("route", "model", "status"))
 
 
-@functools.cache
 def request_errors_total():
-    return bentoml.metrics.Counter(name="visionserve_request_errors", labelnames=["route", "model", "status", "code"],
-                                   documentation="Requests answered with a 4xx/5xx status, by the error body's code")
+    return metric("Counter", "visionserve_request_errors", "Requests answered with a 4xx/5xx status, by the error "
+                  "body's code", ("route", "model", "status", "code"))
 
 
-@functools.cache
 def request_seconds():
-    return bentoml.metrics.Histogram(name="visionserve_request_duration_seconds", labelnames=["route", "model"],
-                                     documentation="Wall time from the request's arrival to the end of its answer",
-                                     buckets=SECONDS_BUCKETS)
+    return metric("Histogram", "visionserve_request_duration_seconds", "Wall time from the request's arrival to the "
+                  "end of its answer", ("route", "model"), buckets=SECONDS_BUCKETS)
 
 
-@functools.cache
 def inference_seconds():
-    return bentoml.metrics.Histogram(name="visionserve_inference_seconds", labelnames=["model"],
-                                     documentation="Seconds of one onnxruntime call (one batch) of a model",
-                                     buckets=SECONDS_BUCKETS)
+    return metric("Histogram", "visionserve_inference_seconds", "Seconds of one onnxruntime call (one batch) of a "
+                  "model", buckets=SECONDS_BUCKETS)
 
 
-@functools.cache
 def batch_size():
-    return bentoml.metrics.Histogram(name="visionserve_batch_size", labelnames=["model"],
-                                     documentation="Images (or samples) per onnxruntime call of a model",
-                                     buckets=BATCH_BUCKETS)
+    return metric("Histogram", "visionserve_batch_size", "Images (or samples) per onnxruntime call of a model",
+                  buckets=BATCH_BUCKETS)
 
 
-@functools.cache
 def queue_wait_seconds():
-    return bentoml.metrics.Histogram(name="visionserve_queue_wait_seconds", labelnames=["model"],
-                                     documentation="Seconds a request waited from joining a model's queue to the "
-                                                   "start of the batch that ran it",
-                                     buckets=SECONDS_BUCKETS)
+    return metric("Histogram", "visionserve_queue_wait_seconds", "Seconds a request waited from joining a model's "
+                  "queue to the start of the batch that ran it", buckets=SECONDS_BUCKETS)
 
 
-@functools.cache
 def queued_images():
-    return bentoml.metrics.Gauge(name="visionserve_queued_images", labelnames=["model"],
-                                 documentation="Images waiting for a model's next batch, summed over live workers",
-                                 multiprocess_mode="livesum")
+    return metric("Gauge", "visionserve_queued_images", "Images waiting for a model's next batch, summed over live "
+                  "workers", multiprocess_mode="livesum")
 
 
-@functools.cache
 def images_total():
-    return bentoml.metrics.Counter(name="visionserve_images", labelnames=["model"],
-                                   documentation="Images (or samples) a model has processed")
+    return metric("Counter", "visionserve_images", "Images (or samples) a model has processed")
 
 
-@functools.cache
 def model_info():
-    return bentoml.metrics.Gauge(name="visionserve_model_info", labelnames=["model", "version", "sha256", "provider"],
-                                 documentation="1 per served model: its card's version and sha256, and the execution "
-                                               "provider its session really runs on",
-                                 multiprocess_mode="livemax")
+    return metric("Gauge", "visionserve_model_info", "1 per served model: its card's version and sha256, and the "
+                  "execution provider its session really runs on", ("model", "version", "sha256", "provider"),
+                  multiprocess_mode="livemax")
 
 
-@functools.cache
 def ood_scored_total():
-    return bentoml.metrics.Counter(name="visionserve_ood_scored_images", labelnames=["model"],
-                                   documentation="/classify images given an out-of-distribution answer")
+    return metric("Counter", "visionserve_ood_scored_images", "/classify images given an out-of-distribution answer")
 
 
-@functools.cache
 def ood_flagged_total():
-    return bentoml.metrics.Counter(name="visionserve_ood_flagged_images", labelnames=["model"],
-                                   documentation="/classify images flagged out of distribution (score > the card's "
-                                                 "threshold)")
+    return metric("Counter", "visionserve_ood_flagged_images", "/classify images flagged out of distribution (score > "
+                  "the card's threshold)")
+
+
+def model_provider():
+    return metric("Gauge", "visionserve_model_provider", "1 for the execution provider each served model's session "
+                  "runs on", ("model", "provider"), multiprocess_mode="livemax")
 
 
 def count_ood(model: str, answers: list[dict | None]) -> None:

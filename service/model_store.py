@@ -1,5 +1,5 @@
-"""BentoML's model store as the hand-over point between export/ and the services (GUIDE's data flow), and the
-one rule for which models a server serves.
+"""BentoML's model store as the hand-over point between export/ and the service (docs/ARCHITECTURE.md, the data
+flow), and the one rule for which models a server serves.
 
     python -m service.model_store import models/        # what `make serve` runs; idempotent
     python -m service.model_store list                  # what a server started here would serve

@@ -1,7 +1,7 @@
 """The models to serve: verified against their cards and run with onnxruntime.
 
-The ONNX file plus its card.json is the whole contract with training/export (GUIDE): nothing here
-imports torch or training code.
+The ONNX file plus its card.json is the whole contract with training/export (docs/ARCHITECTURE.md): nothing
+here imports torch or training code.
 """
 
 from __future__ import annotations
@@ -11,10 +11,13 @@ import logging
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Sequence
+from typing import TYPE_CHECKING, Sequence
 
 import numpy as np
 import onnxruntime as ort
+
+if TYPE_CHECKING:
+    from .batching import AdaptiveBatcher, DirectRunner
 
 logger = logging.getLogger("bentoml.visionserve")
 
@@ -46,6 +49,9 @@ class ModelEntry:
     unavailable_reason: str | None = None
     output_names: list[str] = field(default_factory=list)
     output_name: str = "probabilities"  # what `run` returns: probabilities [N, K] or a mask [N, H, W]
+    # Its runner once loaded (service/task_models.py): `await entry.runner.infer(inputs, outputs)` runs it through
+    # the adaptive batcher (or direct calls when batching is off), which calls `run`.
+    runner: AdaptiveBatcher | DirectRunner | None = None
 
     @property
     def available(self) -> bool:

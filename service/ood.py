@@ -18,7 +18,7 @@ from dataclasses import dataclass
 import numpy as np
 from threadpoolctl import threadpool_limits
 
-from .similarity import feature_file_problems, feature_sections
+from .similarity import verified_feature_sections
 
 logger = logging.getLogger("bentoml.visionserve")
 # Above this many images the matrix product goes to a thread, like large image decodes.
@@ -64,14 +64,7 @@ def load_ood_scorers(entries) -> dict[str, OodScorer]:
     # product on 2 busy cores (measured: 19 ms against 0.17 ms per image); onnxruntime keeps its own thread pool.
     threadpool_limits(limits=1, user_api="blas")
     scorers = {}
-    for entry in entries:
-        section = feature_sections(entry.card).get("ood")
-        if section is None or not entry.available:
-            continue
-        problems = feature_file_problems(entry.folder, entry.card)
-        if problems:  # checked before serving too: a file changed since is left out, never half-trusted
-            logger.error("OOD statistics of %s not loaded: %s", entry.name, "; ".join(problems))
-            continue
+    for entry, section in verified_feature_sections(entries, "ood", "OOD statistics"):
         if section.get("method") != "knn_cos_l2":
             logger.error("OOD statistics of %s not loaded: unknown method %r", entry.name, section.get("method"))
             continue

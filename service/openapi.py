@@ -2,8 +2,8 @@
 
 BentoML's /docs.json describes only its typed APIs, and our routes are a plain Starlette app mounted into
 the service, so it does not know their bodies, parameters or answers. This document does: request bodies
-and parameters come from the same pydantic models that parse them (service/http_front.py, segment.py,
-generate.py), answers from the models below (documentation only: the hot path builds plain dicts, and
+and parameters come from the same pydantic models that parse them (service/parsing.py and the route
+modules), answers from the models below (documentation only: the hot path builds plain dicts, and
 tests/test_fuzz.py checks with schemathesis that the answers conform). Built per service, from its
 configuration: the model names of the examples, the limits, and the security scheme when an API key is set.
 """
@@ -11,20 +11,20 @@ configuration: the model names of the examples, the limits, and the security sch
 from __future__ import annotations
 
 import base64
-import io
 from typing import Literal
 
-from PIL import Image
+import numpy as np
 from pydantic import BaseModel, ConfigDict, Field
 
+from . import v2
+from .classify import Base64ImagesRequest, ImageParams
 from .config import RequestLimits
+from .explain import ExplainJsonRequest, ExplainParams
 from .features import EmbedJsonRequest, EmbedParams, SimilarJsonRequest, SimilarParams
 from .generate import GenerateParams, InterpolateParams
-from .http_front import Base64ImagesRequest, ImageParams
-from . import v2
-from .explain import ExplainJsonRequest, ExplainParams
-from .segment import SegmentJsonRequest, SegmentParams
+from .images import png_bytes
 from .reconstruct import ERROR_HEADER, Base64ReconstructRequest, ReconstructParams
+from .segment import SegmentJsonRequest, SegmentParams
 
 OPENAPI_VERSION = "3.1.0"
 REF_TEMPLATE = "#/components/schemas/{model}"
@@ -46,6 +46,14 @@ class Error(BaseModel):
 
     model_config = ConfigDict(extra="forbid")
     error: ErrorDetail
+
+
+class ModelAnswer(BaseModel):
+    """What every answer of a model starts with: which model answered, and its card's version."""
+
+    model_config = ConfigDict(extra="forbid", protected_namespaces=())
+    model: str
+    version: str | None
 
 
 class ClassScore(BaseModel):
@@ -71,10 +79,7 @@ class Prediction(BaseModel):
     ood: OodAnswer | None = Field(None, description="absent with ood=false; null for a model without OOD statistics")
 
 
-class ClassificationAnswer(BaseModel):
-    model_config = ConfigDict(extra="forbid", protected_namespaces=())
-    model: str
-    version: str | None
+class ClassificationAnswer(ModelAnswer):
     predictions: list[Prediction]
 
 
@@ -86,10 +91,7 @@ class SaliencyMap(BaseModel):
                                                              ".npy array [height, width] (encoding=npy-base64)")
 
 
-class ExplanationAnswer(BaseModel):
-    model_config = ConfigDict(extra="forbid", protected_namespaces=())
-    model: str
-    version: str | None
+class ExplanationAnswer(ModelAnswer):
     method: Literal["occlusion", "cam"] = Field(..., description="the method that ran")
     target: ClassScore = Field(..., description="the class explained and its probability")
     top_k: list[ClassScore]
@@ -105,10 +107,7 @@ class ExplanationAnswer(BaseModel):
     input_map: SaliencyMap = Field(..., description="at the input image's own size (the fit's padding cut off)")
 
 
-class EmbeddingAnswer(BaseModel):
-    model_config = ConfigDict(extra="forbid", protected_namespaces=())
-    model: str
-    version: str | None
+class EmbeddingAnswer(ModelAnswer):
     tag: str | None = Field(..., description="the model's BentoML store tag; null when served from a plain folder")
     dimension: int = Field(..., ge=1)
     embeddings: list[list[float]] = Field(..., description="one row of `dimension` floats per image, in request order")
@@ -136,10 +135,7 @@ class ReferenceSet(BaseModel):
     images: int = Field(..., ge=1)
 
 
-class SimilarityAnswer(BaseModel):
-    model_config = ConfigDict(extra="forbid", protected_namespaces=())
-    model: str
-    version: str | None
+class SimilarityAnswer(ModelAnswer):
     k: int = Field(..., ge=1, le=100)
     reference_set: ReferenceSet
     results: list[SimilarResult]
@@ -169,10 +165,7 @@ class Component(BaseModel):
     box: Box
 
 
-class SegmentationAnswer(BaseModel):
-    model_config = ConfigDict(extra="forbid", protected_namespaces=())
-    model: str
-    version: str | None
+class SegmentationAnswer(ModelAnswer):
     height: int = Field(..., ge=1)
     width: int = Field(..., ge=1)
     inverted: bool
@@ -189,10 +182,7 @@ class GeneratedImage(BaseModel):
     png: str = Field(..., description="base64 PNG, mode L")
 
 
-class GeneratedImages(BaseModel):
-    model_config = ConfigDict(extra="forbid", protected_namespaces=())
-    model: str
-    version: str | None
+class GeneratedImages(ModelAnswer):
     seed: int = Field(..., ge=0)
     n: int = Field(..., ge=1)
     scale: int = Field(..., ge=1)
@@ -247,10 +237,7 @@ class Reconstruction(BaseModel):
     inverted: bool | None = Field(None, description="whether the image was inverted (absent for tensors)")
 
 
-class ReconstructionAnswer(BaseModel):
-    model_config = ConfigDict(extra="forbid", protected_namespaces=())
-    model: str
-    version: str | None
+class ReconstructionAnswer(ModelAnswer):
     error_definition: str
     reconstructions: list[Reconstruction]
 
@@ -264,31 +251,32 @@ def ref(model: type[BaseModel]) -> dict:
     return {"$ref": REF_TEMPLATE.format(model=model.__name__)}
 
 
-def explain_paths(classifier: str | None, png: str, image_errors: dict, errors) -> dict:
-    """/explain in the three input forms of /classify, one image each (service/explain.py)."""
-    answer = {"description": "a saliency map for the target class (JSON), or with format=overlay a PNG heat map "
-                             "over the input (headers X-Model, X-Method, X-Target, X-Target-Index, "
-                             "X-Target-Probability)",
-              "content": {**json_content(ref(ExplanationAnswer)), **PNG_CONTENT}}
+def image_route_paths(route: str, what: str, params: type[BaseModel], json_request: type[BaseModel], answer: dict,
+                      default_model: str | None, json_example: dict, image_errors: dict, tensor_errors: dict,
+                      one_image: bool = False) -> dict:
+    """`route` in the three forms every image route takes (service/parsing.py): multipart, /json, /tensor; each
+    takes its parameters in the query string too (a copy each: add_request_id_header appends to them)."""
+    name = route.strip("/")
+    parameters = query_parameters(params, default_model)
+    images, tensor = ("one uploaded image", "one uint8 .npy image [1,H,W] or [1,C,H,W]") if one_image else (
+        "uploaded image files", "a uint8 .npy batch [N,H,W] or [N,C,H,W] of model-ready pixels")
     return {
-        "/explain": {"post": {
-            "summary": "Explain one uploaded image's classification: occlusion or class activation map",
-            "operationId": "explain", "parameters": query_parameters(ExplainParams, classifier),
+        route: {"post": {
+            "summary": f"{what} of {images}", "operationId": name, "parameters": [*parameters],
             "requestBody": {"required": True, "content": {"multipart/form-data": {
-                "schema": multipart_body("images", ExplainParams, many=False)}}},
+                "schema": multipart_body("images", params, many=not one_image)}}},
             "responses": {"200": answer, **image_errors}}},
-        "/explain/json": {"post": {
-            "summary": "Explain one base64 image's classification", "operationId": "explain_json",
+        f"{route}/json": {"post": {
+            "summary": f"{what} of {'one base64 image' if one_image else 'base64 image files'} sent in JSON",
+            "operationId": f"{name}_json", "parameters": [*parameters],
             "requestBody": {"required": True, "content": {"application/json": {
-                "schema": ref(ExplainJsonRequest),
-                "example": {"images": [png], **({"model": classifier} if classifier else {})}}}},
+                "schema": ref(json_request), "example": json_example}}},
             "responses": {"200": answer, **image_errors}}},
-        "/explain/tensor": {"post": {
-            "summary": "Explain one uint8 .npy image [1,H,W] or [1,C,H,W] of model-ready pixels",
-            "operationId": "explain_tensor", "parameters": query_parameters(ExplainParams, classifier),
+        f"{route}/tensor": {"post": {
+            "summary": f"{what} of {tensor}", "operationId": f"{name}_tensor", "parameters": [*parameters],
             "requestBody": {"required": True, "content": {"application/octet-stream": {
                 "schema": {"type": "string", "format": "binary"}}}},
-            "responses": {"200": answer, **errors("401", "404", "413", "422", "503")}}},
+            "responses": {"200": answer, **tensor_errors}}},
     }
 
 
@@ -384,72 +372,18 @@ def multipart_body(file_field: str, params: type[BaseModel], many: bool) -> dict
 
 def example_png() -> str:
     """A 28x28 black PNG, base64: the request examples' image (an answer for sure, whatever it shows)."""
-    buffer = io.BytesIO()
-    Image.new("L", (28, 28), 0).save(buffer, format="PNG")
-    return base64.b64encode(buffer.getvalue()).decode("ascii")
+    return base64.b64encode(png_bytes(np.zeros((28, 28), np.uint8))).decode("ascii")
 
 
 NPY_CONTENT = {"application/x-npy": {"schema": {"type": "string", "format": "binary"}}}
 
 
-def reconstruct_paths(autoencoder: str | None, png: str, image_errors: dict, errors) -> dict:
-    """/reconstruct in the three input forms of /classify (service/reconstruct.py)."""
-    answer = {"description": f"format=auto with one image, or format=png: the reconstruction as a PNG, its error in "
-                             f"{ERROR_HEADER} (and X-Model); otherwise JSON, one reconstruction per image",
-              "content": {**PNG_CONTENT, **json_content(ref(ReconstructionAnswer))}}
-    example_model = {"model": autoencoder} if autoencoder else {}
-    return {
-        "/reconstruct": {"post": {
-            "summary": "Reconstruct uploaded image files with the autoencoder, and score each by its error",
-            "operationId": "reconstruct", "parameters": query_parameters(ReconstructParams, autoencoder),
-            "requestBody": {"required": True, "content": {"multipart/form-data": {
-                "schema": multipart_body("images", ReconstructParams, many=True)}}},
-            "responses": {"200": answer, **image_errors}}},
-        "/reconstruct/json": {"post": {
-            "summary": "Reconstruct base64 image files sent in JSON", "operationId": "reconstruct_json",
-            "requestBody": {"required": True, "content": {"application/json": {
-                "schema": ref(Base64ReconstructRequest), "example": {"images": [png], **example_model}}}},
-            "responses": {"200": answer, **image_errors}}},
-        "/reconstruct/tensor": {"post": {
-            "summary": "Reconstruct a uint8 .npy batch [N,H,W] or [N,C,H,W] of model-ready pixels",
-            "operationId": "reconstruct_tensor", "parameters": query_parameters(ReconstructParams, autoencoder),
-            "requestBody": {"required": True, "content": {"application/octet-stream": {
-                "schema": {"type": "string", "format": "binary"}}}},
-            "responses": {"200": answer, **errors("401", "404", "413", "422", "503")}}},
-    }
-
-
-def feature_paths(classifier: str | None, png: str, image_errors: dict, errors) -> dict:
-    """/embed and /similar (service/features.py): the three input forms of /classify each."""
-    embedded = {"description": "one embedding per image: JSON, or with format=npy (or Accept: application/x-npy) "
-                               "one float32 .npy array [N, D] with X-Model, X-Model-Version, X-Embedding-Dimension",
-                "content": {**json_content(ref(EmbeddingAnswer)), **NPY_CONTENT}}
-    similar = {"description": "the k nearest reference images of each image, nearest first",
-               "content": json_content(ref(SimilarityAnswer))}
-    example_model = {"model": classifier} if classifier else {}
-    paths = {}
-    for route, params, json_request, answer, what in (
-            ("/embed", EmbedParams, EmbedJsonRequest, embedded, "embedding"),
-            ("/similar", SimilarParams, SimilarJsonRequest, similar, "nearest training images")):
-        name = route.strip("/")
-        paths[route] = {"post": {
-            "summary": f"The classifier's {what} of uploaded image files", "operationId": name,
-            "parameters": query_parameters(params, classifier),
-            "requestBody": {"required": True, "content": {"multipart/form-data": {
-                "schema": multipart_body("images", params, many=True)}}},
-            "responses": {"200": answer, **image_errors}}}
-        paths[f"{route}/json"] = {"post": {
-            "summary": f"The classifier's {what} of base64 image files sent in JSON", "operationId": f"{name}_json",
-            "requestBody": {"required": True, "content": {"application/json": {
-                "schema": ref(json_request), "example": {"images": [png], **example_model}}}},
-            "responses": {"200": answer, **image_errors}}}
-        paths[f"{route}/tensor"] = {"post": {
-            "summary": f"The classifier's {what} of a uint8 .npy batch [N,H,W] or [N,C,H,W]",
-            "operationId": f"{name}_tensor", "parameters": query_parameters(params, classifier),
-            "requestBody": {"required": True, "content": {"application/octet-stream": {
-                "schema": {"type": "string", "format": "binary"}}}},
-            "responses": {"200": answer, **errors("401", "404", "413", "422", "503")}}}
-    return paths
+def json_body_operation(summary: str, operation_id: str, body: type[BaseModel], example: dict, answer: dict,
+                        error_responses: dict) -> dict:
+    return {"post": {"summary": summary, "operationId": operation_id,
+                     "requestBody": {"required": True, "content": {"application/json": {
+                         "schema": ref(body), "example": example}}},
+                     "responses": {"200": answer, **error_responses}}}
 
 
 # --- the document ----------------------------------------------------------------------------------------
@@ -464,33 +398,28 @@ def build_openapi(limits: RequestLimits, default_models: dict[str, str | None], 
     classifier = default_models.get("classification")
     segmenter = default_models.get("segmentation")
     generator = default_models.get("generation")
+    tensor_errors = errors("401", "404", "413", "422", "503")
+    generator_errors = errors("400", "401", "404", "415", "422", "503")
+    example_model = {"model": classifier} if classifier else {}
+    explanation = {"description": "a saliency map for the target class (JSON), or with format=overlay a PNG heat map "
+                                  "over the input (headers X-Model, X-Method, X-Target, X-Target-Index, "
+                                  "X-Target-Probability)",
+                   "content": {**json_content(ref(ExplanationAnswer)), **PNG_CONTENT}}
+    embedded = {"description": "one embedding per image: JSON, or with format=npy (or Accept: application/x-npy) "
+                               "one float32 .npy array [N, D] with X-Model, X-Model-Version, X-Embedding-Dimension",
+                "content": {**json_content(ref(EmbeddingAnswer)), **NPY_CONTENT}}
+    similar = {"description": "the k nearest reference images of each image, nearest first",
+               "content": json_content(ref(SimilarityAnswer))}
     paths = {
-        "/classify": {"post": {
-            "summary": "Classify uploaded image files",
-            "operationId": "classify",
-            "parameters": query_parameters(ImageParams, classifier),
-            "requestBody": {"required": True, "content": {"multipart/form-data": {
-                "schema": multipart_body("images", ImageParams, many=True)}}},
-            "responses": {"200": classification, **classify_errors},
-        }},
-        "/classify/json": {"post": {
-            "summary": "Classify base64 image files sent in JSON",
-            "operationId": "classify_json",
-            "requestBody": {"required": True, "content": {"application/json": {
-                "schema": ref(Base64ImagesRequest),
-                "example": {"images": [png], "top_k": 2, **({"model": classifier} if classifier else {})}}}},
-            "responses": {"200": classification, **classify_errors},
-        }},
-        "/classify/tensor": {"post": {
-            "summary": "Classify a uint8 .npy batch [N,H,W] or [N,C,H,W] of model-ready pixels",
-            "operationId": "classify_tensor",
-            "parameters": query_parameters(ImageParams, classifier),
-            "requestBody": {"required": True, "content": {"application/octet-stream": {
-                "schema": {"type": "string", "format": "binary"}}}},
-            "responses": {"200": classification, **errors("401", "404", "413", "422", "503")},
-        }},
-        **feature_paths(classifier, png, classify_errors, errors),
-        **explain_paths(classifier, png, classify_errors, errors),
+        **image_route_paths("/classify", "Classify", ImageParams, Base64ImagesRequest, classification, classifier,
+                            {"images": [png], "top_k": 2, **example_model}, classify_errors, tensor_errors),
+        **image_route_paths("/embed", "The classifier's embedding", EmbedParams, EmbedJsonRequest, embedded,
+                            classifier, {"images": [png], **example_model}, classify_errors, tensor_errors),
+        **image_route_paths("/similar", "The nearest training images", SimilarParams, SimilarJsonRequest, similar,
+                            classifier, {"images": [png], **example_model}, classify_errors, tensor_errors),
+        **image_route_paths("/explain", "Explain the classification (occlusion or class activation map)",
+                            ExplainParams, ExplainJsonRequest, explanation, classifier,
+                            {"images": [png], **example_model}, classify_errors, tensor_errors, one_image=True),
         "/segment": {"post": {
             "summary": "Segment one image (multipart file, or base64 in JSON)",
             "operationId": "segment",
@@ -506,33 +435,21 @@ def build_openapi(limits: RequestLimits, default_models: dict[str, str | None], 
                 **classify_errors,
             },
         }},
-        "/generate": {"post": {
-            "summary": "Generate samples of a class (a grid PNG, or JSON of base64 PNGs)",
-            "operationId": "generate",
-            # Required: a JSON Content-Type is (an empty body with it means {}, every field its default).
-            "requestBody": {"required": True, "content": {"application/json": {
-                "schema": ref(GenerateParams), "example": {"n": 4, "class": 0, "seed": 1, "scale": 1}}}},
-            "responses": {
-                "200": {"description": "format=grid: one PNG; format=images: JSON",
-                        "headers": {"X-Seed": {"required": True, "description": "the seed used",
-                                               "schema": {"type": "string", "pattern": "^[0-9]+$"}}},
-                        "content": {**PNG_CONTENT, **json_content(ref(GeneratedImages))}},
-                **errors("400", "401", "404", "415", "422", "503"),
-            },
-        }},
-        "/generate/interpolate": {"post": {
-            "summary": "A strip of samples walking from one seed's noise to another's",
-            "operationId": "interpolate",
-            "requestBody": {"required": True, "content": {"application/json": {
-                "schema": ref(InterpolateParams), "example": {"from_seed": 1, "to_seed": 2, "class": 0, "steps": 4}}}},
-            "responses": {
-                "200": {"description": "one PNG strip",
-                        "headers": {name: {"required": True, "schema": {"type": "string"}}
-                                    for name in ("X-Model", "X-Class", "X-Steps")},
-                        "content": PNG_CONTENT},
-                **errors("400", "401", "404", "415", "422", "503"),
-            },
-        }},
+        # Required bodies: a JSON Content-Type is (an empty body with it means {}, every field its default).
+        "/generate": json_body_operation(
+            "Generate samples of a class (a grid PNG, or JSON of base64 PNGs)", "generate", GenerateParams,
+            {"n": 4, "class": 0, "seed": 1, "scale": 1},
+            {"description": "format=grid: one PNG; format=images: JSON",
+             "headers": {"X-Seed": {"required": True, "description": "the seed used",
+                                    "schema": {"type": "string", "pattern": "^[0-9]+$"}}},
+             "content": {**PNG_CONTENT, **json_content(ref(GeneratedImages))}}, generator_errors),
+        "/generate/interpolate": json_body_operation(
+            "A strip of samples walking from one seed's noise to another's", "interpolate", InterpolateParams,
+            {"from_seed": 1, "to_seed": 2, "class": 0, "steps": 4},
+            {"description": "one PNG strip", "content": PNG_CONTENT,
+             "headers": {name: {"required": True, "schema": {"type": "string"}} for name in ("X-Model", "X-Class",
+                                                                                           "X-Steps")}},
+            generator_errors),
         "/models": {"get": {
             "summary": "Every model: card, status, provider; the default of each task; serving settings",
             "operationId": "list_models",
@@ -554,8 +471,15 @@ def build_openapi(limits: RequestLimits, default_models: dict[str, str | None], 
                           **errors("401")},
         }},
     }
-    if default_models.get("reconstruction"):  # served where an autoencoder is (models/autoencoder/)
-        paths.update(reconstruct_paths(default_models["reconstruction"], png, classify_errors, errors))
+    autoencoder = default_models.get("reconstruction")
+    if autoencoder:  # served where an autoencoder is (models/autoencoder/)
+        reconstruction = {"description": f"format=auto with one image, or format=png: the reconstruction as a PNG, "
+                                         f"its error in {ERROR_HEADER} (and X-Model); otherwise JSON, one "
+                                         "reconstruction per image",
+                          "content": {**PNG_CONTENT, **json_content(ref(ReconstructionAnswer))}}
+        paths.update(image_route_paths("/reconstruct", "Reconstruct with the autoencoder, scoring each by its error",
+                                       ReconstructParams, Base64ReconstructRequest, reconstruction, autoencoder,
+                                       {"images": [png], "model": autoencoder}, classify_errors, tensor_errors))
     paths.update(v2.openapi_paths(classifier, auth))  # the Open Inference Protocol's routes, its error shape
     add_request_id_header(paths)
     document = {

@@ -15,12 +15,12 @@ routes: /docs.json, /schema.json, /metrics and the Swagger UI's files (/docs its
 from __future__ import annotations
 
 import hmac
-import json
 
 from starlette.types import ASGIApp, Receive, Scope, Send
 
 from .config import api_key_from_environment
 from .errors import error_body_for_path
+from .middleware import send_error
 from .web import is_public_page_path
 
 OPEN_PATHS = frozenset({"/livez", "/healthz", "/readyz", "/v2/health/live", "/v2/health/ready"})
@@ -83,8 +83,5 @@ class ApiKeyAuth:
 
 
 async def send_unauthorized(send: Send, message: str, challenge: str, path: str) -> None:
-    body = json.dumps(error_body_for_path(path, "unauthorized", message, None)).encode()
-    await send({"type": "http.response.start", "status": 401,
-                "headers": [(b"content-type", b"application/json"), (b"content-length", str(len(body)).encode()),
-                            (b"www-authenticate", challenge.encode())]})
-    await send({"type": "http.response.body", "body": body})
+    await send_error(send, 401, error_body_for_path(path, "unauthorized", message, None),
+                     [(b"www-authenticate", challenge.encode())])

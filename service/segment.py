@@ -10,28 +10,19 @@ from __future__ import annotations
 
 import asyncio
 import base64
-from dataclasses import dataclass
 from typing import Literal
 
 import numpy as np
 from bentoml import get_current_service
-from pydantic import Field, ValidationError
+from pydantic import Field
 from starlette.requests import Request
 from starlette.responses import JSONResponse, Response
 from starlette.routing import Route
 
 from .errors import ApiError
-from .http_front import (
-    INLINE_DECODE_BYTES,
-    ModelParams,
-    decode_base64_image,
-    parse_params,
-    read_multipart_upload,
-    validation_error,
-)
-from .images import decode_image, to_chw, to_model_mode
+from .images import InputSpec, decode_image, to_chw, to_model_mode
 from .masks import PALETTE, class_statistics, connected_components, mask_png, overlay_png, pad_to_multiple
-from .task_models import TaskModels
+from .parsing import INLINE_DECODE_BYTES, ModelParams, read_image_files
 
 
 class SegmentParams(ModelParams):
@@ -44,30 +35,7 @@ class SegmentJsonRequest(SegmentParams):
     image: str = Field(..., min_length=1, description="one base64 image file (a data: URL is accepted)")
 
 
-@dataclass(frozen=True)
-class SegmenterSpec:
-    """What a segmenter's card says about its input: colour mode, polarity, and the size granularity."""
-
-    channels: int
-    stride: int
-    padding_value: int
-    light_on_dark: bool
-
-    @classmethod
-    def from_card(cls, card: dict) -> "SegmenterSpec":
-        spec = card["input"]
-        fit = spec.get("fit", {})
-        return cls(channels=int(spec["channels"]), stride=int(spec["stride"]),
-                   padding_value=int(fit.get("padding_value", 0)),
-                   light_on_dark=fit.get("polarity", "light-on-dark") == "light-on-dark")
-
-
-def segmenters() -> TaskModels:
-    # The service instance BentoML created in this worker holds the models (service/app.py).
-    return get_current_service().segmentation
-
-
-def prepare(data: bytes, spec: SegmenterSpec, invert: str, max_pixels: int) -> tuple[np.ndarray, np.ndarray, bool]:
+def prepare(data: bytes, spec: InputSpec, invert: str, max_pixels: int) -> tuple[np.ndarray, np.ndarray, bool]:
     """Bytes -> (padded uint8 [1, C, H', W'] for the model, the unpadded grey image [H, W], inverted?)."""
     image = decode_image(data, max_pixels, "image")
     try:
@@ -96,16 +64,16 @@ def render(params: SegmentParams, card: dict, mask: np.ndarray, gray: np.ndarray
 
 
 async def segment_image(data: bytes, params: SegmentParams) -> Response:
-    limits = get_current_service().config.limits
-    task = segmenters()
-    entry = task.resolve_model(params.model)
-    spec = SegmenterSpec.from_card(entry.card)
+    service = get_current_service()
+    limits = service.config.limits
+    entry = service.segmentation.resolve_model(params.model)
+    spec = InputSpec.from_card(entry.card)
     max_pixels = min(limits.max_pixels_per_image, limits.max_segment_pixels)
     if len(data) <= INLINE_DECODE_BYTES:
         pixels, gray, inverted = prepare(data, spec, params.invert, max_pixels)
     else:  # a large photo is decoded off the event loop
         pixels, gray, inverted = await asyncio.to_thread(prepare, data, spec, params.invert, max_pixels)
-    mask = (await task.infer(entry, pixels))[0, :gray.shape[0], :gray.shape[1]]
+    mask = (await entry.runner.infer(pixels))[0, :gray.shape[0], :gray.shape[1]]
     answer = (params, entry.card, mask, gray, inverted)
     if len(data) <= INLINE_DECODE_BYTES:
         return render(*answer)
@@ -114,25 +82,14 @@ async def segment_image(data: bytes, params: SegmentParams) -> Response:
 
 async def segment(request: Request) -> Response:
     content_type = request.headers.get("content-type", "")
-    if content_type.startswith("application/json"):
-        try:
-            parsed = SegmentJsonRequest.model_validate_json(await request.body())
-        except ValidationError as exc:
-            raise validation_error(exc) from None
-        if request.query_params:  # query parameters apply to JSON bodies too; the body's fields win
-            query = parse_params(SegmentParams, request.query_params.multi_items())
-            parsed = parsed.model_copy(update={name: getattr(query, name)
-                                               for name in query.model_fields_set - parsed.model_fields_set})
-        data = decode_base64_image(parsed.image, "image")
-        return await segment_image(data, parsed)
-    if not content_type.startswith("multipart/form-data"):
+    if not content_type.startswith(("application/json", "multipart/form-data")):
         raise ApiError(415, "unsupported_media_type",
                        f"send multipart/form-data with a file in 'image', or JSON with a base64 'image' "
                        f"(got {content_type or 'no content type'})")
-    files, fields = await read_multipart_upload(request, get_current_service().config.limits, file_field="image")
+    form = "json" if content_type.startswith("application/json") else "multipart"
+    params, files = await read_image_files(request, form, SegmentParams, SegmentJsonRequest, file_field="image")
     if len(files) != 1:
         raise ApiError(422, "one_image_only", f"send exactly one file in 'image' (got {len(files)})", "image")
-    params = parse_params(SegmentParams, request.query_params.multi_items(), fields)
     return await segment_image(files[0][1], params)
 
 

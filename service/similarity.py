@@ -14,17 +14,16 @@ the IDX files the index's card section names, in VISIONSERVE_REFERENCE_DIR (defa
 from __future__ import annotations
 
 import base64
-import io
 import logging
 import os
 from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
-from PIL import Image
 
 from formats.idx import read_idx
 
+from .images import png_bytes
 from .onnx_models import ModelToServe, sha256_of_file
 
 logger = logging.getLogger("bentoml.visionserve")
@@ -84,6 +83,22 @@ def check_feature_files(models: list[ModelToServe], directory: Path | None = Non
         raise RuntimeError("refusing to start: " + "; ".join(problems))
 
 
+def verified_feature_sections(entries, name: str, what: str):
+    """(entry, its card's `name` feature section) of every available model whose file has its card's checksum.
+
+    Checked before serving too (check_feature_files); a worker that finds a file changed since serves without it,
+    never half-trusting it."""
+    for entry in entries:
+        section = feature_sections(entry.card).get(name)
+        if section is None or not entry.available:
+            continue
+        problems = feature_file_problems(entry.folder, entry.card)
+        if problems:
+            logger.error("%s of %s not loaded: %s", what, entry.name, "; ".join(problems))
+            continue
+        yield entry, section
+
+
 @dataclass
 class SimilarityIndex:
     """One classifier's faiss index over its reference set, and that set's images and labels."""
@@ -105,9 +120,7 @@ class SimilarityIndex:
     def thumbnail(self, position: int) -> str:
         png = self.thumbnail_cache.get(position)
         if png is None:
-            buffer = io.BytesIO()
-            Image.fromarray(self.images[position], mode="L").save(buffer, format="PNG")
-            png = base64.b64encode(buffer.getvalue()).decode("ascii")
+            png = base64.b64encode(png_bytes(self.images[position])).decode("ascii")
             if len(self.thumbnail_cache) < 100_000:
                 self.thumbnail_cache[position] = png
         return png
@@ -120,14 +133,7 @@ def load_similarity_indexes(entries, directory: Path | None = None, threads: int
     faiss.omp_set_num_threads(max(1, threads))
     directory = directory or reference_dir()
     indexes = {}
-    for entry in entries:
-        section = feature_sections(entry.card).get("similarity")
-        if section is None or not entry.available:
-            continue
-        problems = feature_file_problems(entry.folder, entry.card)
-        if problems:  # checked before serving too; a worker that finds it changed since serves without it
-            logger.error("similarity index of %s not loaded: %s", entry.name, "; ".join(problems))
-            continue
+    for entry, section in verified_feature_sections(entries, "similarity", "similarity index"):
         index = faiss.read_index(str(entry.folder / section["file"]))
         mismatched, missing = reference_file_problems(entry.card, directory)
         images = labels = None

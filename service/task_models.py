@@ -1,14 +1,14 @@
-"""The models of one task (classification, segmentation, ...): loading, the default choice, batching runners.
+"""The models of one task (classification, segmentation, generation, reconstruction): loading, the default
+choice, and each model's runner.
 
-Every task service holds one `TaskModels`; the HTTP routes ask it for a model by name and run inputs
-through that model's runner (the adaptive batcher, or direct calls when batching is off).
+The one service (service/app.py) holds a `TaskModels` per task; a route asks it for a model by name
+(`resolve_model`) and runs inputs through that model's runner (`ModelEntry.infer`: the adaptive batcher, or
+direct calls when batching is off).
 """
 
 from __future__ import annotations
 
 import logging
-from typing import Sequence
-
 from .batching import AdaptiveBatcher, DirectRunner
 from .config import InferenceConfig
 from .errors import ApiError
@@ -42,29 +42,10 @@ class TaskModels:
         if self.configured_default and self.configured_default not in self.models:
             logger.warning("VISIONSERVE_DEFAULT_MODELS names %s for %s, which this server does not have; the default "
                            "is the best available by its card", self.configured_default, task)
-        if task == "generation":
-            # Never merged across requests: a request's n samples are already one batch, and a sample's
-            # bytes must not depend on which other requests shared its model call (on CUDA the kernels
-            # chosen vary with the batch size). Bounded by queued samples like the batchers.
-            self.runners = {
-                entry.name: DirectRunner(entry.run, max(2, inference.intra_op_threads), entry.name, entry.output_name,
-                                         inference.generate_max_queued_samples, inference.retry_after_seconds,
-                                         size=lambda feeds: len(feeds["z"]), observer=ModelMetrics(entry.name))
-                for entry in entries if entry.available
-            }
-            return
-        max_batch, max_queued = ((inference.max_batch_size, inference.max_queued_images)
-                                 if task in ("classification", "reconstruction")
-                                 else (inference.segment_max_batch_size, inference.segment_max_queued_images))
-        self.runners = {
-            entry.name: (
-                AdaptiveBatcher(entry.run, max_batch, max_queued, inference.retry_after_seconds, entry.name,
-                                entry.output_name, ModelMetrics(entry.name))
-                if inference.batching else DirectRunner(entry.run, max(2, inference.intra_op_threads), entry.name,
-                                                        entry.output_name, observer=ModelMetrics(entry.name))
-            )
-            for entry in entries if entry.available
-        }
+        for entry in entries:
+            if entry.available:
+                entry.runner = runner_for(task, entry, inference)
+        self.runners = {entry.name: entry.runner for entry in entries if entry.runner is not None}
 
     @property
     def available(self) -> list[str]:
@@ -97,16 +78,23 @@ class TaskModels:
                            "model")
         return entry
 
-    async def infer(self, entry: ModelEntry, inputs, outputs: Sequence[str] | None = None):
-        """The served output for `inputs` (pixels, or a generator's named inputs), or with `outputs` a dict of
-        those graph outputs (e.g. ["probabilities", "embedding"]), through the model's batcher."""
-        if outputs is not None:
-            unknown = [name for name in outputs if name not in entry.output_names]
-            if unknown:
-                raise ApiError(400, "unknown_output", f"model {entry.name!r} has no output {unknown[0]!r}; "
-                               f"it has {entry.output_names}", "outputs")
-        note_model(entry.name)
-        return await self.runners[entry.name].infer(inputs, outputs)
-
     def batch_sizes_seen(self) -> dict[str, dict[int, int]]:
         return {name: dict(sorted(runner.batch_sizes_seen.items())) for name, runner in self.runners.items()}
+
+
+def runner_for(task: str, entry: ModelEntry, inference: InferenceConfig) -> AdaptiveBatcher | DirectRunner:
+    if task == "generation":
+        # Never merged across requests: a request's n samples are already one batch, and a sample's
+        # bytes must not depend on which other requests shared its model call (on CUDA the kernels
+        # chosen vary with the batch size). Bounded by queued samples like the batchers.
+        return DirectRunner(entry.run, max(2, inference.intra_op_threads), entry.name, entry.output_name,
+                            inference.generate_max_queued_samples, inference.retry_after_seconds,
+                            size=lambda feeds: len(feeds["z"]), observer=ModelMetrics(entry.name))
+    if not inference.batching:
+        return DirectRunner(entry.run, max(2, inference.intra_op_threads), entry.name, entry.output_name,
+                            observer=ModelMetrics(entry.name))
+    max_batch, max_queued = ((inference.max_batch_size, inference.max_queued_images)
+                             if task in ("classification", "reconstruction")
+                             else (inference.segment_max_batch_size, inference.segment_max_queued_images))
+    return AdaptiveBatcher(entry.run, max_batch, max_queued, inference.retry_after_seconds, entry.name,
+                           entry.output_name, ModelMetrics(entry.name))

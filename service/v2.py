@@ -22,11 +22,11 @@ from starlette.responses import JSONResponse, Response
 from starlette.routing import Route
 
 from .errors import ApiError
-from .http_front import INLINE_DECODE_BYTES, decode_base64_image, fit_all_off_loop_if_large
 from .images import InputSpec
 from .masks import pad_to_multiple
 from .onnx_models import ModelEntry
-from .segment import SegmenterSpec, prepare
+from .parsing import INLINE_DECODE_BYTES, decode_base64_image, fit_images
+from .segment import prepare
 from .task_models import TaskModels
 
 EXTENSIONS = ["binary_tensor_data", "statistics"]
@@ -349,20 +349,20 @@ def check_image_count(count: int) -> None:
         raise ApiError(413, "too_many_images", f"{count} images in one request; the limit is {limit}")
 
 
-async def run_classifier(task: TaskModels, entry: ModelEntry, arrays: dict[str, np.ndarray], request: dict,
+async def run_classifier(entry: ModelEntry, arrays: dict[str, np.ndarray], request: dict,
                          outputs: list[str]) -> dict[str, np.ndarray]:
     pixels = take_input(arrays, entry, "pixels")
     check_image_count(pixels.size if pixels.dtype == object else len(pixels))
     if pixels.dtype == object:  # image files: decoded and fitted exactly as /classify does
         files = [(f"pixels[{index}]", data) for index, data in enumerate(pixels.ravel())]
-        pixels, _ = await fit_all_off_loop_if_large(files, InputSpec.from_card(entry.card), invert_parameter(request),
-                                                    get_current_service().config.limits.max_pixels_per_image)
-    return await task.infer(entry, pixels, outputs=outputs)
+        pixels, _, _ = await fit_images(files, InputSpec.from_card(entry.card), invert_parameter(request),
+                                        get_current_service().config.limits.max_pixels_per_image)
+    return await entry.runner.infer(pixels, outputs=outputs)
 
 
 def decoded_scenes(images: np.ndarray, entry: ModelEntry, invert: str, max_pixels: int) -> tuple[np.ndarray, tuple]:
     """BYTES image files -> padded uint8 [N, C, H', W'] as /segment prepares one, and their common H x W."""
-    spec = SegmenterSpec.from_card(entry.card)
+    spec = InputSpec.from_card(entry.card)
     padded, sizes = [], []
     for index, data in enumerate(images.ravel()):
         try:
@@ -378,7 +378,7 @@ def decoded_scenes(images: np.ndarray, entry: ModelEntry, invert: str, max_pixel
     return np.stack(padded), sizes[0]
 
 
-async def run_segmenter(task: TaskModels, entry: ModelEntry, arrays: dict[str, np.ndarray], request: dict,
+async def run_segmenter(entry: ModelEntry, arrays: dict[str, np.ndarray], request: dict,
                         outputs: list[str]) -> dict[str, np.ndarray]:
     """Padded to the stride and the outputs cropped back, as /segment does, so any H x W is taken."""
     pixels = take_input(arrays, entry, "pixels")
@@ -396,15 +396,14 @@ async def run_segmenter(task: TaskModels, entry: ModelEntry, arrays: dict[str, n
         if height * width > max_pixels or height == 0 or width == 0:
             raise ApiError(413 if height * width else 400, "too_many_pixels",
                            f"images of {height}x{width}; the limit is 1 to {max_pixels} pixels")
-        stride = int(entry.card["input"]["stride"])
-        padding = int(entry.card["input"].get("fit", {}).get("padding_value", 0))
-        padded = np.stack([pad_to_multiple(image, stride, padding) for image in pixels])
-    results = await task.infer(entry, padded, outputs=outputs)
+        spec = InputSpec.from_card(entry.card)
+        padded = np.stack([pad_to_multiple(image, spec.stride, spec.padding_value) for image in pixels])
+    results = await entry.runner.infer(padded, outputs=outputs)
     # mask [N, H, W] and probabilities [N, K, H, W]: the last two axes are the image's.
     return {name: array[..., :height, :width] for name, array in results.items()}
 
 
-async def run_generator(task: TaskModels, entry: ModelEntry, arrays: dict[str, np.ndarray], request: dict,
+async def run_generator(entry: ModelEntry, arrays: dict[str, np.ndarray], request: dict,
                         outputs: list[str]) -> dict[str, np.ndarray]:
     z, label = take_input(arrays, entry, "z"), take_input(arrays, entry, "label")
     if len(z) != len(label):
@@ -417,7 +416,7 @@ async def run_generator(task: TaskModels, entry: ModelEntry, arrays: dict[str, n
         raise bad_request(f"label values must be 0..{classes - 1}")
     if not np.isfinite(z).all():
         raise bad_request("z must be finite")
-    return await task.infer(entry, {"z": z, "label": label}, outputs=outputs)
+    return await entry.runner.infer({"z": z, "label": label}, outputs=outputs)
 
 
 # An autoencoder takes the classifiers' fixed-size uint8 pixels and answers its reconstruction.
@@ -564,7 +563,7 @@ async def infer_with(request: Request, task: TaskModels, entry: ModelEntry) -> t
     wanted = requested_outputs(parsed, list(datatypes))
     arrays = decode_inputs(parsed, binary, len(header), b"true" in header or b"false" in header)
     check_datatypes(arrays, entry)
-    results = await RUNNERS[task.task](task, entry, arrays, parsed, list(dict.fromkeys(name for name, _ in wanted)))
+    results = await RUNNERS[task.task](entry, arrays, parsed, list(dict.fromkeys(name for name, _ in wanted)))
     answer = inference_answer(entry, parsed, [(name, datatypes[name], results[name], binary_out)
                                              for name, binary_out in wanted])
     return answer, len(next(iter(results.values())))

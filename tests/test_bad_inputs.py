@@ -35,8 +35,9 @@ from starlette.datastructures import UploadFile
 
 from service.errors import ApiError
 from service.generate import GenerateParams
-from service.http_front import ImageParams, parse_params
+from service.classify import ImageParams
 from service.images import ACCEPTED_FORMATS, InputSpec, decode_image, fit_to_input_spec, to_eight_bits
+from service.parsing import parse_params
 
 pytestmark = pytest.mark.server
 

@@ -359,7 +359,7 @@ def test_admission_limit_answers_protocol_503_under_v2():
 
     from starlette.applications import Starlette
 
-    from service.http_front import AdmissionLimit
+    from service.middleware import AdmissionLimit
 
     limit = AdmissionLimit(Starlette(), max_in_flight=lambda: 1, retry_after=lambda: 7, max_body_bytes=lambda: 1024)
     limit.in_flight = 1  # one request already in progress

@@ -1,9 +1,16 @@
-"""The lean HTTP front shared by every task service: body limit, parameter parsing, image upload reading.
+"""Reading a request to an image route: its parameters and its images, in the forms every image route takes.
 
-Each task service mounts a plain Starlette app with `@bentoml.asgi_app`; BentoML keeps /livez,
-/readyz, /metrics and its docs, while parsing, limits and error mapping stay here, in our hands
-(BentoML's typed-API layer costs more than our models, sets no body limit, and downloads URLs sent
-in file fields; none of that is on this path).
+- multipart/form-data: image files in a file field (`images`; /segment's `image`), parameters as form fields;
+- JSON: base64 image files in the same field, parameters as the body's other fields;
+- an .npy body (the /tensor routes): uint8 pixels, model-ready, parameters in the query string.
+
+The rule for parameters, the same on every route and in every form (docs/SERVING.md, "Parameters"): any of them
+may come in the query string; where the body gives one too (a form field, a JSON field) the body's wins, and each
+source must be valid on its own. Images are decoded and fitted as the model's card says (service/images.py).
+Nothing here knows a task: a route passes its parameter models and its task's models.
+
+The body is read by Starlette, not by BentoML's typed-API layer (which costs more than our models, sets no body
+limit, and downloads URLs sent in file fields; docs/ARCHITECTURE.md).
 """
 
 from __future__ import annotations
@@ -11,156 +18,32 @@ from __future__ import annotations
 import asyncio
 import base64
 import binascii
+import functools
 import io
-import json
+from dataclasses import dataclass
 from typing import Callable, Iterable, Literal
 
 import numpy as np
+from bentoml import get_current_service
+from PIL import Image, ImageOps
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 from starlette.datastructures import UploadFile
 from starlette.exceptions import HTTPException
 from starlette.formparsers import MultiPartException
 from starlette.requests import Request
-from starlette.types import ASGIApp, Message, Receive, Scope, Send
+from starlette.routing import Route
 
 from .config import RequestLimits
-from .errors import ApiError, error_body_for_path
+from .errors import ApiError
 from .images import InputSpec, InvertMode, decode_image, fit_to_input_spec
+from .onnx_models import ModelEntry
+from .task_models import TaskModels
 
 # Decoding a few small images costs less than a thread hop; big ones go to a thread so that one
 # large photo does not stall every other request on the event loop.
 INLINE_DECODE_BYTES = 256 * 1024
 NPY_MAGIC = b"\x93NUMPY"
-
-
-class RequestBodyLimit:
-    """ASGI middleware: 413 for bodies over the limit, by Content-Length or while streaming (chunked).
-
-    `max_body_bytes` is a callable because the limit lives in the service instance's configuration,
-    which exists only once the worker has started.
-    """
-
-    def __init__(self, app: ASGIApp, max_body_bytes: Callable[[], int]) -> None:
-        self.app = app
-        self.max_body_bytes = max_body_bytes
-
-    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
-        if scope["type"] != "http":
-            await self.app(scope, receive, send)
-            return
-        limit = self.max_body_bytes()
-        declared = dict(scope["headers"]).get(b"content-length")
-        if declared is not None and declared.isdigit() and int(declared) > limit:
-            await self._send_too_large(send, limit, scope["path"])
-            return
-        received = 0
-
-        async def counting_receive() -> Message:
-            nonlocal received
-            message = await receive()
-            if message["type"] == "http.request":
-                received += len(message.get("body", b""))
-                if received > limit:
-                    raise body_too_large(limit)
-            return message
-
-        await self.app(scope, counting_receive, send)
-
-    @staticmethod
-    async def _send_too_large(send: Send, limit: int, path: str) -> None:
-        body = json.dumps(error_body_for_path(path, "body_too_large",
-                                              f"request body is over the limit of {limit} bytes")).encode()
-        await send({"type": "http.response.start", "status": 413,
-                    "headers": [(b"content-type", b"application/json"), (b"content-length", str(len(body)).encode()),
-                                (b"connection", b"close")]})
-        await send({"type": "http.response.body", "body": body})
-
-
-class AdmissionLimit:
-    """ASGI middleware: 503 + Retry-After at once, before the body is parsed, when this worker already has
-    `max_in_flight` requests in progress (0: no limit).
-
-    The batchers' queue bounds count images waiting for a model, but under overload the time goes earlier:
-    every request's body is read and its images decoded before a batcher can refuse it. Measured with
-    `make overload` (400 clients without pauses, 2 cores): with only the queue bound, accepted requests had a
-    p99 of 1.5-2.5 s whatever the bound. Refusing at the door was meant to bound the work in progress; on 2
-    cores shared with the load generator a limit of 128 did not (p99 1.9 s, fewer requests served), so it is
-    off by default, for machines where the front end is not the bottleneck.
-    """
-
-    def __init__(self, app: ASGIApp, max_in_flight: Callable[[], int], retry_after: Callable[[], int],
-                 max_body_bytes: Callable[[], int]) -> None:
-        self.app = app
-        self.max_in_flight = max_in_flight
-        self.retry_after = retry_after
-        self.max_body_bytes = max_body_bytes
-        self.in_flight = 0
-
-    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
-        if scope["type"] != "http":
-            await self.app(scope, receive, send)
-            return
-        limit = self.max_in_flight()
-        if limit and self.in_flight >= limit:
-            drained = await self._drain(receive, self.max_body_bytes())
-            await self._send_overloaded(send, scope["path"], close=not drained)
-            return
-        self.in_flight += 1
-        try:
-            await self.app(scope, receive, send)
-        finally:
-            self.in_flight -= 1
-
-    @staticmethod
-    async def _drain(receive: Receive, max_bytes: int) -> bool:
-        """Read the body and drop it: answering before the client has sent it all resets the connection
-        under the client's feet (it sees no 503, only a broken pipe). Reading is a copy; the parsing and
-        decoding that the limit exists to avoid never happen. No more than the body limit is read (a refused
-        request is no reason to accept an endless chunked upload); False when reading stopped there."""
-        received = 0
-        while True:
-            message = await receive()
-            if message["type"] != "http.request" or not message.get("more_body", False):
-                return True
-            received += len(message.get("body", b""))
-            if received > max_bytes:
-                return False
-
-    async def _send_overloaded(self, send: Send, path: str, close: bool) -> None:
-        retry_after = str(self.retry_after())
-        body = json.dumps(error_body_for_path(path, "overloaded", f"the server has {self.in_flight} requests in "
-                                              f"progress; retry after {retry_after} s")).encode()
-        headers = [(b"content-type", b"application/json"), (b"content-length", str(len(body)).encode()),
-                   (b"retry-after", retry_after.encode())]
-        await send({"type": "http.response.start", "status": 503,
-                    "headers": headers + ([(b"connection", b"close")] if close else [])})
-        await send({"type": "http.response.body", "body": body})
-
-
-class ControlCharactersInPath:
-    """ASGI middleware: 404 in our error shape for a path holding a control character (%0A, %00, ...).
-
-    No route of ours has one, and BentoML mounts our app with a pattern whose `.*` stops at a newline,
-    so without this such a path got BentoML's plain-text 404 instead of the API's JSON error.
-    """
-
-    def __init__(self, app: ASGIApp) -> None:
-        self.app = app
-
-    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
-        if scope["type"] == "http" and any(ord(c) < 0x20 or ord(c) == 0x7F for c in scope["path"]):
-            body = json.dumps(error_body_for_path(scope["path"], "not_found",
-                                                  "no endpoint at a path with control characters")).encode()
-            await send({"type": "http.response.start", "status": 404,
-                        "headers": [(b"content-type", b"application/json"),
-                                    (b"content-length", str(len(body)).encode())]})
-            await send({"type": "http.response.body", "body": body})
-            return
-        await self.app(scope, receive, send)
-
-
-def body_too_large(limit: int) -> ApiError:
-    return ApiError(413, "body_too_large", f"request body is over the limit of {limit} bytes")
+Form = Literal["multipart", "json", "tensor"]
 
 
 class ModelParams(BaseModel):
@@ -172,17 +55,7 @@ class ModelParams(BaseModel):
         "auto", description="auto: invert when the background (the image's outermost frame) is mostly light")
 
 
-class ImageParams(ModelParams):
-    """Classification's parameters."""
-
-    top_k: int = Field(3, ge=1, le=10, description="how many classes to return per image")
-    ood: bool = Field(True, description="score each image's distance from the training images (ood: score, "
-                                        "threshold, flag, method); false skips it")
-
-
-class Base64ImagesRequest(ImageParams):
-    images: list[str] = Field(..., min_length=1, description="base64 image files (data: URLs accepted)")
-
+# --- parameters ---------------------------------------------------------------------------------------
 
 def field_path(location: tuple) -> str:
     """pydantic's ("images", 0) -> "images[0]", the way the other errors name fields."""
@@ -234,6 +107,22 @@ def validated(model: type[BaseModel], values: dict[str, object]) -> BaseModel:
     except ValidationError as exc:
         raise validation_error(exc) from None
 
+
+def parse_json_body(json_model: type[BaseModel], params_model: type[BaseModel], body: bytes,
+                    query: Iterable[tuple[str, object]]) -> BaseModel:
+    """A JSON body of `json_model`, with the query string's parameters where the body does not give them."""
+    try:
+        parsed = json_model.model_validate_json(body)
+    except ValidationError as exc:
+        raise validation_error(exc) from None
+    if not query:
+        return parsed
+    from_query = parse_params(params_model, query)  # valid on its own, like a form's query string
+    missing = from_query.model_fields_set - parsed.model_fields_set
+    return parsed.model_copy(update={name: getattr(from_query, name) for name in missing}) if missing else parsed
+
+
+# --- images ---------------------------------------------------------------------------------------------
 
 def check_image_count(count: int, limits: RequestLimits, field: str = "images") -> None:
     if count == 0:
@@ -297,30 +186,50 @@ def decode_base64_image(text: str, field: str) -> bytes:
         raise ApiError(400, "invalid_base64", f"{field} is not valid base64", field) from None
 
 
-def decode_base64_images(encoded: list[str], field: str = "images") -> list[tuple[str, bytes]]:
-    return [(f"{field}[{index}]", decode_base64_image(text, f"{field}[{index}]")) for index, text in enumerate(encoded)]
+async def read_image_files(request: Request, form: Form, params_model: type[BaseModel],
+                           json_model: type[BaseModel], file_field: str = "images"
+                           ) -> tuple[BaseModel, list[tuple[str, bytes]]]:
+    """The parameters and the encoded image files of a multipart or base64 JSON request, each file named by its
+    field (images[0], ...). In JSON, `file_field` holds a list of base64 strings, or (/segment's `image`) one."""
+    limits = get_current_service().config.limits
+    query = request.query_params.multi_items()
+    if form == "multipart":
+        files, fields = await read_multipart_upload(request, limits, file_field)
+        return parse_params(params_model, query, fields), files
+    params = parse_json_body(json_model, params_model, await request.body(), query)
+    encoded = getattr(params, file_field)
+    if isinstance(encoded, str):
+        return params, [(file_field, decode_base64_image(encoded, file_field))]
+    check_image_count(len(encoded), limits, file_field)
+    return params, [(f"{file_field}[{index}]", decode_base64_image(text, f"{file_field}[{index}]"))
+                    for index, text in enumerate(encoded)]
 
 
-def fit_all(files: list[tuple[str, bytes]], spec: InputSpec, invert: InvertMode,
-            max_pixels: int) -> tuple[np.ndarray, list[bool]]:
-    """Decode and fit every image; uint8 [N, C, H, W] and which ones were inverted."""
-    fitted, inverted = [], []
+def fit_all(files: list[tuple[str, bytes]], spec: InputSpec, invert: InvertMode, max_pixels: int,
+            keep_images: bool = False) -> tuple[np.ndarray, list[bool], list[Image.Image] | None]:
+    """Decode and fit every image: uint8 [N, C, H, W], which ones were inverted, and with `keep_images` the decoded
+    images (EXIF orientation applied) for a route that draws over them."""
+    fitted, inverted, kept = [], [], []
     for field, data in files:
         image = decode_image(data, max_pixels, field)
+        if keep_images:
+            image = ImageOps.exif_transpose(image)
+            kept.append(image)
         try:
             pixels, was_inverted = fit_to_input_spec(image, spec, invert)
         except (ValueError, OSError) as exc:  # e.g. a LAB TIFF: Pillow decodes it but cannot convert it
             raise ApiError(415, "unsupported_image", f"image mode {image.mode} cannot be fitted: {exc}", field) from None
         fitted.append(pixels)
         inverted.append(was_inverted)
-    return np.stack(fitted), inverted
+    return np.stack(fitted), inverted, (kept if keep_images else None)
 
 
-async def fit_all_off_loop_if_large(files: list[tuple[str, bytes]], spec: InputSpec, invert: InvertMode,
-                                    max_pixels: int) -> tuple[np.ndarray, list[bool]]:
+async def fit_images(files: list[tuple[str, bytes]], spec: InputSpec, invert: InvertMode, max_pixels: int,
+                     keep_images: bool = False) -> tuple[np.ndarray, list[bool], list[Image.Image] | None]:
+    """fit_all, on the event loop for a few small files, else on a thread (INLINE_DECODE_BYTES)."""
     if sum(len(data) for _, data in files) <= INLINE_DECODE_BYTES:
-        return fit_all(files, spec, invert, max_pixels)
-    return await asyncio.to_thread(fit_all, files, spec, invert, max_pixels)
+        return fit_all(files, spec, invert, max_pixels, keep_images)
+    return await asyncio.to_thread(fit_all, files, spec, invert, max_pixels, keep_images)
 
 
 def load_npy_tensor(body: bytes, spec: InputSpec, limits: RequestLimits) -> np.ndarray:
@@ -345,3 +254,51 @@ def load_npy_tensor(body: bytes, spec: InputSpec, limits: RequestLimits) -> np.n
                        f"got {list(array.shape)}", "body")
     check_image_count(len(array), limits, "body")
     return np.ascontiguousarray(array)
+
+
+# --- a request's inputs -----------------------------------------------------------------------------------
+
+@dataclass
+class Inputs:
+    """What an image route gets from its request: parameters, the model they chose, and the model-ready pixels."""
+
+    params: BaseModel
+    entry: ModelEntry
+    pixels: np.ndarray  # uint8 [N, C, H, W]
+    inverted: list[bool] | None  # None for a tensor, which is used as sent
+    images: list[Image.Image] | None = None  # with keep_images: the decoded images, EXIF orientation applied
+
+
+# check_count(params, count, field): a route's own rule on the number of images (explain: exactly one), run
+# once the model is known and before any image is decoded.
+CountCheck = Callable[[BaseModel, int, str], None]
+
+
+async def inputs_of(request: Request, form: Form, task: TaskModels, params_model: type[BaseModel],
+                    json_model: type[BaseModel], check_count: CountCheck | None = None,
+                    keep_images: bool = False) -> Inputs:
+    """The Inputs of a multipart, base64 JSON or .npy request to one of `task`'s models."""
+    limits = get_current_service().config.limits
+    if form == "tensor":
+        params = parse_params(params_model, request.query_params.multi_items())
+        entry = task.resolve_model(params.model)
+        pixels = load_npy_tensor(await request.body(), InputSpec.from_card(entry.card), limits)
+        if check_count is not None:
+            check_count(params, len(pixels), "body")
+        if params.invert == "true":  # tensors are model-ready; "auto" leaves them as sent
+            pixels = 255 - pixels
+        return Inputs(params, entry, pixels, None, None)
+    params, files = await read_image_files(request, form, params_model, json_model)
+    entry = task.resolve_model(params.model)
+    if check_count is not None:
+        check_count(params, len(files), "images")
+    pixels, inverted, images = await fit_images(files, InputSpec.from_card(entry.card), params.invert,
+                                                limits.max_pixels_per_image, keep_images)
+    return Inputs(params, entry, pixels, inverted, images)
+
+
+def routes_in_every_form(path: str, endpoint) -> list[Route]:
+    """POST `path` (multipart), `path`/json (base64 JSON) and `path`/tensor (.npy), each calling
+    endpoint(request, form)."""
+    return [Route(path + suffix, functools.partial(endpoint, form=form), methods=["POST"])
+            for suffix, form in (("", "multipart"), ("/json", "json"), ("/tensor", "tensor"))]

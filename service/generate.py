@@ -139,10 +139,19 @@ def tile(pixels: np.ndarray, columns: int, scale: int) -> np.ndarray:
     return canvas
 
 
-def parse_body(model: type[BaseModel], body: bytes, content_type: str) -> BaseModel:
+async def parse_body(model: type[BaseModel], request: Request) -> BaseModel:
+    """The JSON body, which is the whole request here: strictly typed (`"class": 3` is an index, `"3"` a label), as
+    a query string cannot be, so a parameter given in the query string is refused, never silently ignored."""
+    body = await request.body()  # the whole body before any answer, a 415 too (answering mid-upload resets it)
+    content_type = request.headers.get("content-type", "")
     if not content_type.startswith("application/json"):
         raise ApiError(415, "unsupported_media_type",
                        f"send a JSON body with Content-Type application/json (got {content_type or 'no content type'})")
+    names = {alias or name for name, alias in ((name, field.alias) for name, field in model.model_fields.items())}
+    for key, _ in request.query_params.multi_items():
+        if key in names:
+            raise ApiError(422, "invalid_parameter", f"{key}: give it in the JSON body (this route's parameters "
+                           "are its body's fields)", key)
     try:
         return model.model_validate_json(body or b"{}")
     except ValidationError as exc:
@@ -165,7 +174,7 @@ def render_images(entry: ModelEntry, params: GenerateParams, seed: int, pixels: 
 
 
 async def generate(request: Request) -> Response:
-    params = parse_body(GenerateParams, await request.body(), request.headers.get("content-type", ""))
+    params = await parse_body(GenerateParams, request)
     service = get_current_service()
     limits = service.config.limits
     if params.n > limits.max_samples_per_request:
@@ -182,7 +191,7 @@ async def generate(request: Request) -> Response:
 
 
 async def interpolate(request: Request) -> Response:
-    params = parse_body(InterpolateParams, await request.body(), request.headers.get("content-type", ""))
+    params = await parse_body(InterpolateParams, request)
     entry = get_current_service().generation.resolve_model(params.model)
     class_index = resolve_class(params.class_, entry.card["labels"])
     z_dim = z_dim_of(entry)

@@ -7,8 +7,8 @@ may have leaked an internal path, a traceback or a CORS grant.
 
 The server (conftest's every_task_server) holds the released classifiers, a tiny SegNet and a tiny DCGAN,
 with small limits (conftest.EVERY_TASK_LIMITS) so that each can be crossed cheaply. The limits of /classify
-(body, field, images, pixels) have their own tests (tests/test_service_limits.py), and URLs sent as images,
-with a listener that sees any fetch, tests/test_security.py's.
+(body, field, images, pixels) and /generate's sample limit have their own tests (tests/test_service_limits.py,
+tests/test_generate_service.py), and URLs sent as images, with a listener that sees any fetch, tests/test_security.py's.
 """
 
 from __future__ import annotations
@@ -43,7 +43,6 @@ pytestmark = pytest.mark.server
 
 BODY_LIMIT = int(EVERY_TASK_LIMITS["VISIONSERVE_MAX_BODY_BYTES"])
 SEGMENT_PIXEL_LIMIT = int(EVERY_TASK_LIMITS["VISIONSERVE_MAX_SEGMENT_PIXELS"])
-SAMPLE_LIMIT = int(EVERY_TASK_LIMITS["VISIONSERVE_MAX_SAMPLES"])
 JUNK = "\u202e\x00\ud7ff\ufffd\U0001f600 ../../etc/passwd %s %n"  # RTL override, NUL, emoji, path, formats
 
 
@@ -335,8 +334,6 @@ CASES = [
     # /generate -----------------------------------------------------------------------------------------
     error("generate-n-negative", "POST", "/generate", 422, "invalid_parameter", "n", json={"n": -1}),
     error("generate-n-huge", "POST", "/generate", 422, "invalid_parameter", "n", json={"n": 10**30}),
-    error("generate-n-over-the-servers-limit", "POST", "/generate", 422, "too_many_samples", "n",
-          json={"n": SAMPLE_LIMIT + 1}),
     error("generate-n-fractional", "POST", "/generate", 422, "invalid_parameter", "n", json={"n": 2.5}),
     error("generate-n-string", "POST", "/generate", 422, "invalid_parameter", "n", json={"n": "3"}),
     error("generate-n-infinite", "POST", "/generate", 422, "invalid_parameter", "n", **raw_json(b'{"n": 1e400}')),

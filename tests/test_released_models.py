@@ -75,11 +75,18 @@ def test_released_segmenter_is_above_its_floors_and_its_card_is_true(name):
     assert set(card["metrics"]["per_class_found_and_named"]) == set(card["labels"][1:])
 
 
+# The judge is the ResNet ensemble (40 ResNet-20 passes per image): re-judging the card's whole check, the first 100
+# samples of each class, cost ~20 s of CI on 2 cores. Here the first 25 of each class (250 of the card's 1,000) are
+# judged, and their consistency must lie within 4 standard errors of the card's figure for the 1,000:
+# sqrt(p (1 - p) (1/n - 1/N)) for n samples drawn from the N the card judged. `make evaluate` re-judges all 10,000.
+JUDGED_PER_CLASS = 25
+
+
 @pytest.mark.parametrize("name", released("generation"))
 def test_released_generator_is_above_its_floor_and_its_card_is_true(name):
     """FID, KID, precision and recall in the released CNN's features over all 10,000 samples, re-measured
-    exactly; class consistency re-judged by the released ResNet on the first 100 samples of each class (the
-    full 10,000 take `make evaluate` about 5 minutes), against the card's figure for the same samples."""
+    exactly; class consistency re-judged by the released ResNet on the first JUDGED_PER_CLASS samples of each
+    class, within a stated band of the card's figure for a superset of them."""
     from export.evaluate_generator import CHECK_PER_CLASS, evaluate_generator
 
     model_dir = MODELS / name
@@ -87,14 +94,20 @@ def test_released_generator_is_above_its_floor_and_its_card_is_true(name):
     metrics = card["metrics"]
     assert (model_dir / "samples.png").is_file() and (model_dir / "curves.png").is_file()
     assert metrics["judge"]["name"] == "resnet" and metrics["features"]["name"] == "cnn"
-    result = evaluate_generator(model_dir, MODELS / "cnn", MODELS / "resnet", judge_per_class=CHECK_PER_CLASS)
+    result = evaluate_generator(model_dir, MODELS / "cnn", MODELS / "resnet", judge_per_class=JUDGED_PER_CLASS)
     assert result["judge"]["sha256"] == metrics["judge"]["sha256"]
     assert result["features"]["sha256"] == metrics["features"]["sha256"]
-    assert result["samples"] == 10_000 and result["judged_samples"] == 10 * CHECK_PER_CLASS
+    judged, checked = 10 * JUDGED_PER_CLASS, 10 * CHECK_PER_CLASS
+    assert result["samples"] == 10_000 and result["judged_samples"] == judged
+    assert metrics["check"]["per_class"] == CHECK_PER_CLASS  # the card's figure is for the first 100 of each class
     for key in ("fid", "kid_mean", "kid_std", "precision", "recall", "fid_to_reference"):
-        assert result[key] == pytest.approx(metrics[key], rel=1e-6), key
-        assert result["reference"].get(key, 0) == pytest.approx(metrics["reference"].get(key, 0), rel=1e-6), key
-    assert result["class_consistency"] == pytest.approx(metrics["check"]["class_consistency"], abs=1e-9)
+        # abs: KID is a difference of means near 0 (-5e-5); one run measured it 7e-11 (1.3e-6 relative) off the card
+        assert result[key] == pytest.approx(metrics[key], rel=1e-6, abs=1e-9), key
+        assert result["reference"].get(key, 0) == pytest.approx(metrics["reference"].get(key, 0), rel=1e-6,
+                                                                 abs=1e-9), key
+    claimed = metrics["check"]["class_consistency"]
+    band = 4 * (claimed * (1 - claimed) * (1 / judged - 1 / checked)) ** 0.5
+    assert abs(result["class_consistency"] - claimed) <= band, (result["class_consistency"], claimed, band)
     assert metrics["class_consistency"] >= 0.95 and card["release"]["above_floors"]
     assert card["release"]["summary"].startswith("class consistency ")
 

@@ -32,7 +32,11 @@ FIELD_LIMIT = int(TEST_SERVER_LIMITS["VISIONSERVE_MAX_FIELD_BYTES"])
 @pytest.fixture(scope="module")
 def app(tmp_path_factory) -> Iterator[TestClient]:
     """The service in this process, over the released CNN, configured as `bentoml serve` would be by the same
-    environment; its start-up (model checks, sessions, warm-up) runs when the client enters."""
+    environment; its start-up (model checks, sessions, warm-up) runs when the client enters.
+
+    One such app per test process: BentoML keeps the current service instance in a global, and its traffic-metrics
+    middleware registers Prometheus histograms in the process-wide registry on the first request, so a second
+    app's first request fails with DuplicateTimeseries. Tests of other configurations start a server."""
     models = tmp_path_factory.mktemp("in-process-models")
     shutil.copytree(MODELS_DIR / "cnn", models / "cnn")
     environment = {**TEST_SERVER_LIMITS, "VISIONSERVE_MODELS_DIR": str(models),

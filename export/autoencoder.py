@@ -1,4 +1,5 @@
 """Export a trained autoencoder run to models/<name>/{model.onnx, card.json} behind a parity gate.
+`python -m export.autoencoder` reads as "export the autoencoder"; the network itself is defined in training/models/.
 
     python -m export.autoencoder --run runs/autoencoder/<stamp> --name autoencoder
 
@@ -21,9 +22,9 @@ import numpy as np
 import torch
 from torch import nn
 
-from export.onnx_io import (ParityError, cpu_session, export_command, export_to_bytes, opset_of, run_batched,
-                            runtime_versions, sha256_bytes, with_command, write_model)
-from export.release import Target, floor_problems, release_block
+from export.onnx_io import (ParityError, add_export_flags, cpu_session, export_block, export_command, export_to_bytes,
+                            opset_of, run_batched, sha256_bytes, with_command, write_unless_dry_run)
+from export.release import Target, release_block, say_floor_problems
 from training.data import load_dataset
 from training.models import count_parameters
 from training.models.autoencoder import Autoencoder, AutoencoderConfig
@@ -138,16 +139,13 @@ def build_card(name: str, graph: AutoencoderGraph, record: dict, run_metrics: di
             "best_epoch": run_metrics["best_epoch"], "best_val_mse": run_metrics["best_val_mse"], "run": run_dir.name,
         },
         "parity": parity,
-        "export": {"exporter": "torch.onnx.export(dynamo=True, external_data=False)", "opset": opset,
-                   **runtime_versions()},
+        "export": export_block(opset),
     }
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--run", required=True, help="a run folder written by training.train_autoencoder")
-    p.add_argument("--name", required=True, help="model name; written to OUT/NAME/")
-    p.add_argument("--out", default="models")
+    add_export_flags(p, "training.train_autoencoder")
     p.add_argument("--parity-images", type=int, default=2000)
     p.add_argument("--dry-run", action="store_true", help="check parity and print the card without writing")
     return with_command(p.parse_args(argv), argv)
@@ -173,13 +171,10 @@ def main(args: argparse.Namespace) -> dict:
     print(f"{args.name}: parity max {parity['max_abs_grey_level_diff']} grey level(s), error diff "
           f"{parity['max_abs_error_diff']:.2e}; {card['release']['summary']}; mean-image baseline {baseline:.5f}; "
           f"{len(model_bytes) / 1e6:.2f} MB", flush=True)
-    for problem in floor_problems(targets(baseline), metrics):
-        print(f"{args.name}: {problem}: a broken model, not to be released", flush=True)
-    if args.dry_run:
+    say_floor_problems(args.name, targets(baseline), metrics)
+    out_dir = write_unless_dry_run(args, model_bytes, card)
+    if out_dir is None:
         return card | {"sha256": sha256_bytes(model_bytes)}
-
-    out_dir = Path(args.out) / args.name
-    write_model(out_dir, model_bytes, card)
     picks = [int(i) for k in range(len(test.label_names)) for i in np.flatnonzero(labels == k)[:2]]
     (reconstructions, errors, _) = session.run(None, {"pixels": images[picks]})
     save_image_grid(np.concatenate([images[picks], reconstructions]), out_dir / "reconstructions.png",

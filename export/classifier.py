@@ -1,4 +1,5 @@
 """Export a trained classifier run to models/<name>/{model.onnx, card.json} behind a parity gate.
+`python -m export.classifier` reads as "export the classifier"; the network itself is defined in training/models/.
 
     python -m export.classifier --run runs/cnn/<stamp> --name cnn
     python -m export.classifier --run runs/resnet/<stamp1> runs/resnet/<stamp2> --name resnet   # an ensemble
@@ -21,8 +22,8 @@ import numpy as np
 import torch
 from torch import nn
 
-from export.onnx_io import (ParityError, cpu_session, export_command, export_to_bytes, opset_of, run_batched,
-                            runtime_versions, sha256_bytes, with_command, write_model)
+from export.onnx_io import (ParityError, cpu_session, export_block, export_command, export_to_bytes, opset_of,
+                            run_batched, sha256_bytes, with_command, write_unless_dry_run)
 from export.release import classifier_targets, release_block
 from training.data import load_dataset, train_val_split
 from training.models import build_classifier, count_parameters
@@ -300,8 +301,7 @@ def build_card(name: str, graph: ClassifierGraph, runs: list[Run], metrics: dict
         "release": release_block(classifier_targets(name), metrics),
         "training": training_record(first) if len(runs) == 1 else ensemble_training_record(runs),
         "parity": parity,
-        "export": {"exporter": "torch.onnx.export(dynamo=True, external_data=False)", "opset": opset,
-                   **runtime_versions()},
+        "export": export_block(opset),
     }
 
 
@@ -359,11 +359,9 @@ def main(args: argparse.Namespace) -> dict:
     card["input"]["tta_validation_accuracy"] = tta_validation
     print(f"{args.name}: parity {parity['argmax_agreement']:.4f} argmax, max |dp| {parity['max_abs_probability_diff']:.2e}; "
           f"test accuracy (onnxruntime) {metrics['accuracy']:.4f}; {len(model_bytes) / 1e6:.2f} MB", flush=True)
-    if args.dry_run:
+    out_dir = write_unless_dry_run(args, model_bytes, card)
+    if out_dir is None:
         return card | {"sha256": sha256_bytes(model_bytes)}
-
-    out_dir = Path(args.out) / args.name
-    write_model(out_dir, model_bytes, card)
     matrix = confusion_matrix(labels, predictions, len(test.label_names))
     plot_confusion(matrix, test.label_names, out_dir / "confusion.png",
                    f"{args.name} (onnxruntime): test accuracy {metrics['accuracy']:.4f}")

@@ -21,6 +21,7 @@ from pathlib import Path
 import numpy as np
 import onnxruntime as ort
 
+from export.onnx_io import add_evaluation_flags, model_dirs_for
 from export.release import classifier_targets, floor_problems, release_block
 from training.data import load_dataset
 
@@ -100,22 +101,18 @@ def markdown_table(results: list[dict]) -> str:
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--models", default="models")
-    p.add_argument("--out", default="benchmarks/results")
-    p.add_argument("--data-dir", help="MNIST-format folder instead of the default Fashion-MNIST location")
+    add_evaluation_flags(p)
     return p.parse_args(argv)
 
 
 def main(args: argparse.Namespace) -> list[dict]:
-    model_dirs = sorted(d for d in Path(args.models).iterdir() if (d / "card.json").is_file())
-    classifiers = [d for d in model_dirs if json.loads((d / "card.json").read_text())["task"] == "classification"]
-    results = [evaluate_classifier(d, args.data_dir) for d in classifiers]
+    results = [evaluate_classifier(d, args.data_dir) for d in model_dirs_for(args.models, "classification")]
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     (out / "evaluation.json").write_text(json.dumps(results, indent=2) + "\n")
     table = markdown_table(results)
-    (out / "evaluation.md").write_text(
-        "Measured by `make evaluate` (`python -m export.evaluate_classifier`).\n\n" + table)
+    heading = "Measured by `make evaluate` (`python -m export.evaluate_classifier`).\n\n"
+    (out / "evaluation.md").write_text(heading + table)
     print(table)
     return results
 

@@ -31,7 +31,7 @@ import numpy as np
 import onnxruntime as ort
 from scipy import linalg
 
-from export.onnx_io import run_batched, sha256_bytes
+from export.onnx_io import model_dirs_for, run_batched, verified_session
 from export.release import GENERATOR_TARGETS, floor_problems, release_block
 from training.data import load_dataset
 
@@ -41,17 +41,6 @@ EVAL_NOISE_SEED = 50_000_005   # the evaluation's own noise, never the training'
 REFERENCE_SUBSET_SEED = 50_000_006  # which 10,000 training images play the perfect generator
 KID_SUBSETS, KID_SUBSET_SIZE, KID_SEED = 100, 1000, 50_000_008
 NEAREST_K = 3                  # Kynkaenniemi et al.'s k for precision and recall
-
-
-def verified_session(model_dir: Path) -> tuple[ort.InferenceSession, dict]:
-    """A CPU session of model_dir/model.onnx after checking its SHA-256 against the card beside it."""
-    card = json.loads((model_dir / "card.json").read_text())
-    model_bytes = (model_dir / "model.onnx").read_bytes()
-    if sha256_bytes(model_bytes) != card["sha256"]:
-        raise SystemExit(f"{model_dir}/model.onnx does not match the sha256 in its card.json")
-    options = ort.SessionOptions()
-    options.log_severity_level = 3
-    return ort.InferenceSession(model_bytes, options, providers=["CPUExecutionProvider"]), card
 
 
 def evaluation_inputs(z_dim: int, num_classes: int, per_class: int, seed: int = EVAL_NOISE_SEED
@@ -272,8 +261,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
 def main(args: argparse.Namespace) -> list[dict]:
     from training.plots import save_image_grid
 
-    folders = sorted(p.parent for p in Path(args.models).glob("*/card.json")
-                     if json.loads(p.read_text()).get("task") == "generation")
+    folders = model_dirs_for(args.models, "generation")
     results = [evaluate_generator(folder, Path(args.features), Path(args.judge), args.data_dir, args.per_class)
                for folder in folders]
     out = Path(args.out)

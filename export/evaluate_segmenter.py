@@ -40,8 +40,7 @@ import onnxruntime as ort
 from PIL import Image
 from scipy import ndimage
 
-from export.evaluate_generator import verified_session
-from export.onnx_io import run_batched
+from export.onnx_io import add_evaluation_flags, model_dirs_for, run_batched, verified_session
 from export.release import SEGMENTER_TARGETS, floor_problems, release_block
 from training.data import load_dataset
 from training.metrics import iou_scores, item_coverage
@@ -248,9 +247,7 @@ def runs_table(runs: list[dict]) -> str:
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--models", default="models")
-    p.add_argument("--out", default="benchmarks/results")
-    p.add_argument("--data-dir", help="MNIST-format folder instead of the default Fashion-MNIST location")
+    add_evaluation_flags(p)
     p.add_argument("--run", nargs="+", default=[], help="also diagnose these unexported run folders (see above)")
     p.add_argument("--two-stage", metavar="MODEL_DIR", nargs="+", default=[],
                    help="also measure each released segmenter's outlines with every region named by these classifiers")
@@ -260,8 +257,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
 
 
 def main(args: argparse.Namespace) -> list[dict]:
-    model_dirs = sorted(d for d in Path(args.models).iterdir() if (d / "card.json").is_file())
-    segmenters = [d for d in model_dirs if json.loads((d / "card.json").read_text())["task"] == "segmentation"]
+    segmenters = model_dirs_for(args.models, "segmentation")
     results = [evaluate_segmenter(d, args.data_dir) for d in segmenters]
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)

@@ -1,4 +1,5 @@
 """Export a trained DCGAN generator to models/<name>/{model.onnx, card.json} behind a parity gate.
+`python -m export.generator` reads as "export the generator"; the network itself is defined in training/models/.
 
     python -m export.generator --run runs/dcgan/<stamp> --name dcgan --judge models/resnet
 
@@ -22,9 +23,9 @@ import torch
 from torch import nn
 
 from export.evaluate_generator import SAMPLES_PER_CLASS, comparison_grid, evaluation_inputs, judge_generator
-from export.onnx_io import (ParityError, cpu_session, export_command, export_to_bytes, opset_of, run_batched,
-                            runtime_versions, sha256_bytes, with_command, write_model)
-from export.release import GENERATOR_TARGETS, floor_problems, release_block
+from export.onnx_io import (ParityError, add_export_flags, cpu_session, export_block, export_command, export_to_bytes,
+                            opset_of, run_batched, sha256_bytes, with_command, write_unless_dry_run)
+from export.release import GENERATOR_TARGETS, release_block, say_floor_problems
 from training.data import load_dataset
 from training.models import count_parameters
 from training.models.dcgan import DCGANConfig, Generator
@@ -112,16 +113,13 @@ def build_card(name: str, graph: GeneratorGraph, record: dict, run_metrics: dict
             "run": run_dir.name, "weights": weights,
         },
         "parity": parity,
-        "export": {"exporter": "torch.onnx.export(dynamo=True, external_data=False)", "opset": opset,
-                   **runtime_versions()},
+        "export": export_block(opset),
     }
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--run", required=True, help="a run folder written by training.train_dcgan")
-    p.add_argument("--name", required=True, help="model name; written to OUT/NAME/")
-    p.add_argument("--out", default="models")
+    add_export_flags(p, "training.train_dcgan")
     p.add_argument("--features", default="models/cnn", help="the released classifier whose embedding is the feature space")
     p.add_argument("--judge", default="models/resnet", help="the released classifier that judges class consistency")
     p.add_argument("--per-class", type=int, default=SAMPLES_PER_CLASS, help="samples per class for the metrics")
@@ -153,13 +151,10 @@ def main(args: argparse.Namespace) -> dict:
           f"({metrics['fid_to_reference']:.2f}x); KID {metrics['kid_mean']:.5f}; precision {metrics['precision']:.3f}, "
           f"recall {metrics['recall']:.3f}; class consistency {metrics['class_consistency']:.2%}; "
           f"{len(model_bytes) / 1e6:.2f} MB; {card['release']['summary']}", flush=True)
-    for problem in floor_problems(GENERATOR_TARGETS, metrics):  # the card says so too; evaluate_generator fails on it
-        print(f"{args.name}: {problem}: a broken model, not to be released", flush=True)
-    if args.dry_run:
+    say_floor_problems(args.name, GENERATOR_TARGETS, metrics)
+    out_dir = write_unless_dry_run(args, model_bytes, card)
+    if out_dir is None:
         return card | {"sha256": sha256_bytes(model_bytes)}
-
-    out_dir = Path(args.out) / args.name
-    write_model(out_dir, model_bytes, card)
     test = load_dataset(config["dataset"], "test", config["data_dir"])
     grid = comparison_grid(session, cfg.z_dim, test.images.numpy(), test.labels.numpy(), cfg.num_classes)
     save_image_grid(grid, out_dir / "samples.png", columns=21, row_labels=record["label_names"],

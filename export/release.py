@@ -85,3 +85,9 @@ def floor_problems(targets: tuple[Target, ...], figures: dict) -> list[str]:
     """One line per figure below its floor: what blocks a release."""
     return [f"{t.label} {figures[t.metric]:.4f} {'below' if t.higher_is_better else 'above'} the floor {t.floor}"
             for t in targets if t.meets(float(figures[t.metric]), t.floor) is False]
+
+
+def say_floor_problems(name: str, targets: tuple[Target, ...], figures: dict) -> None:
+    """At export, print each floor the model is under: the card says so too, and its evaluator fails on it."""
+    for problem in floor_problems(targets, figures):
+        print(f"{name}: {problem}: a broken model, not to be released", flush=True)

@@ -1,4 +1,5 @@
 """Export a trained SegNet run to models/<name>/{model.onnx, card.json, *.png} behind a parity gate.
+`python -m export.segmenter` reads as "export the segmenter"; the network itself is defined in training/models/.
 
     python -m export.segmenter --run runs/segnet/<stamp> --name segnet
 
@@ -24,9 +25,9 @@ import torch
 from torch import nn
 
 from export.classifier import TTA_DESCRIPTIONS
-from export.onnx_io import (ParityError, cpu_session, export_command, export_to_bytes, opset_of, runtime_versions,
-                            sha256_bytes, with_command, write_model)
-from export.release import SEGMENTER_TARGETS, floor_problems, release_block
+from export.onnx_io import (ParityError, add_export_flags, cpu_session, export_block, export_command, export_to_bytes,
+                            opset_of, sha256_bytes, with_command, write_unless_dry_run)
+from export.release import SEGMENTER_TARGETS, release_block, say_floor_problems
 from training.data import load_dataset
 from training.metrics import item_coverage, pixel_confusion, segmentation_scores
 from training.models import build_segmenter, count_parameters
@@ -238,16 +239,13 @@ def build_card(name: str, graph: SegmenterGraph, best: dict, record: dict, run_m
             "test_miou_torch": run_metrics["test_torch"]["miou"], "run": run_dir.name,
         },
         "parity": parity,
-        "export": {"exporter": "torch.onnx.export(dynamo=True, external_data=False)", "opset": opset,
-                   **runtime_versions()},
+        "export": export_block(opset),
     }
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--run", required=True, help="a run folder written by training.train_segnet")
-    p.add_argument("--name", required=True, help="model name; written to OUT/NAME/")
-    p.add_argument("--out", default="models")
+    add_export_flags(p, "training.train_segnet")
     p.add_argument("--parity-scenes", type=int, default=500, help="test scenes compared with PyTorch at each size")
     p.add_argument("--parity-size", type=int, nargs=2, default=[48, 80], metavar=("H", "W"),
                    help="the second, non-square parity size (multiples of the stride)")
@@ -283,13 +281,10 @@ def main(args: argparse.Namespace) -> dict:
           f"same switches; widest flipped gap {parity['widest_flipped_gap']:.1e}); test (onnxruntime) mIoU {metrics['miou']:.4f}, "
           f"pixel accuracy {metrics['pixel_accuracy']:.4f}; {len(model_bytes) / 1e6:.2f} MB; "
           f"{card['release']['summary']}", flush=True)
-    for problem in floor_problems(SEGMENTER_TARGETS, metrics):  # the card says so too; evaluate_segmenter fails on it
-        print(f"{args.name}: {problem}: a broken model, not to be released", flush=True)
-    if args.dry_run:
+    say_floor_problems(args.name, SEGMENTER_TARGETS, metrics)
+    out_dir = write_unless_dry_run(args, model_bytes, card)
+    if out_dir is None:
         return card | {"sha256": sha256_bytes(model_bytes)}
-
-    out_dir = Path(args.out) / args.name
-    write_model(out_dir, model_bytes, card)
     plot_class_iou(metrics["per_class_iou"], out_dir / "class_iou.png",
                    f"{args.name} (onnxruntime): test IoU per class, {metrics['scenes']} scenes")
     plot_segmentation_curves(run_metrics["history"], out_dir / "curves.png",

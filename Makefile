@@ -13,7 +13,7 @@ IMAGE   ?= visionserve:$(VERSION)
 # deploy/requirements-gpu.txt) go into the venv, so a machine with only an NVIDIA driver runs the CUDA provider.
 GPU     ?=
 
-.PHONY: help install data test serve bento image gpu-check gpu-wheels evaluate index ood bench-serve bench-peers bench-classifiers bench-explain int8 bench-train performance loadtest fuzz models-present browser screenshots clean \
+.PHONY: help install data test serve bento image gpu-check gpu-wheels evaluate index ood bench-serve bench-peers bench-classifiers bench-explain int8 fp16 bench-train performance loadtest fuzz models-present browser screenshots clean \
 	overload soak faults embedding-map ood-autoencoder
 .DEFAULT_GOAL := help
 
@@ -31,6 +31,7 @@ help:
 	@echo "make bench-serve  raw onnxruntime vs served throughput and latency"
 	@echo "make bench-peers  visionserve vs FastAPI, LitServe, BentoML batchable, HTTP floor: benchmarks/results/peers.md"
 	@echo "                PEERS_ARGS=\"--duration 15 --rounds 1\" for a short run"
+	@echo "make fp16        FP16 variants for the CUDA provider, parity-checked against FP32 (benchmarks/results/fp16.md)"
 	@echo "make int8        INT8 (QDQ) variants measured against fp32; released only if they pass (benchmarks/results/int8.md)"
 	@echo "make bench-classifiers  raw onnxruntime ms per image of every classifier beside its accuracy"
 	@echo "make bench-explain  faithfulness (deletion AUC) and cost of /explain's methods per classifier"
@@ -175,6 +176,11 @@ bench-peers: install data models-present $(PEERS_VENV)/.installed
 # INT8 variants of the CNN and the ResNet student, released only if they keep accuracy and gain speed (issue 22)
 int8: install data models-present
 	$(BIN)/python -m export.quantize
+
+# FP16 graphs for the CUDA provider (VISIONSERVE_PRECISION): models/<name>/model-fp16.onnx and the card's
+# features.fp16 section, parity-checked against FP32 on the full test split (benchmarks/results/fp16.md).
+fp16: install data models-present
+	$(BIN)/python -m export.fp16 --model models/mlp models/cnn models/resnet-student models/segnet
 
 # Raw onnxruntime ms per image of every released classifier beside its accuracy; benchmarks/results/classifier_cost.*
 bench-classifiers: install data models-present

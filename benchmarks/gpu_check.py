@@ -4,9 +4,9 @@
 
 On a machine where the CUDA execution provider really runs (read back from a session, not from the list of
 available providers): img/s of raw onnxruntime-CUDA for the ResNet and the CNN at batch 1 and 64, FP32 and FP16
-(FP16 made here with onnxruntime's float16 converter, inputs and outputs kept in their types, its argmax
-agreement with FP32 on the same images reported beside it), then a server with VISIONSERVE_DEVICE=cuda answering
-64-image tensor requests (/classify/tensor) sequentially, and served/raw for batched ResNet (target >= 0.80).
+(FP16: the released variant of export/fp16.py, or one converted the same way for a model without one, its
+argmax agreement with FP32 on the same images reported beside it), then a server with VISIONSERVE_DEVICE=cuda
+(and so the FP16 variants, VISIONSERVE_PRECISION=auto) answering 64-image tensor requests (/classify/tensor) sequentially, and served/raw for batched ResNet (target >= 0.80).
 Writes gpu.json and gpu.md. Without CUDA it prints the reason and exits 0 writing nothing: no figures are made up.
 """
 
@@ -38,13 +38,14 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
 
 
 def fp16_model(model_path: Path, workdir: Path) -> Path:
-    """An FP16 copy of the graph; uint8 pixels in and float32 out kept, so clients see no difference."""
-    import onnx
-    from onnxruntime.transformers.float16 import convert_float_to_float16
+    """The model's released FP16 variant (`make fp16`), or one made here by the same converter for a model that
+    has none (the ResNet ensemble); uint8 pixels in and float32 out kept, so clients see no difference."""
+    from export.fp16 import VARIANT_FILE, to_fp16
 
-    converted = convert_float_to_float16(onnx.load(str(model_path)), keep_io_types=True)
+    if (model_path.parent / VARIANT_FILE).is_file():
+        return model_path.parent / VARIANT_FILE
     out = workdir / f"{model_path.parent.name}-fp16.onnx"
-    onnx.save(converted, str(out))
+    out.write_bytes(to_fp16(model_path))
     return out
 
 

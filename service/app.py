@@ -221,7 +221,8 @@ class VisionService:
         """Say which provider each model really runs on; with VISIONSERVE_DEVICE=cuda, refuse any on CPU."""
         entries = [entry for task in self.tasks for entry in task.models.values() if entry.available]
         logger.info("VISIONSERVE_DEVICE=%s: %s", device,
-                    ", ".join(f"{entry.name} on {entry.provider}" for entry in entries) or "no model loaded")
+                    ", ".join(f"{entry.name} on {entry.provider} ({entry.precision})" for entry in entries)
+                    or "no model loaded")
         for entry in entries:
             metrics.model_provider().labels(model=entry.name, provider=entry.provider).set(1)
             metrics.model_info().labels(model=entry.name, version=str(entry.card.get("version")),
@@ -247,6 +248,7 @@ class VisionService:
             "models": [entry.describe() for task in self.tasks for entry in task.models.values()],
             "serving": {
                 "device": inference.device,  # what was asked; each model's `provider` is what really runs
+                "precision": inference.precision,  # likewise: each model's `precision` is the graph it runs
                 "workers": inference.workers,
                 "intra_op_threads": inference.intra_op_threads,
                 "batching": inference.batching,

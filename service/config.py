@@ -86,6 +86,7 @@ def api_key_from_environment(environ: Mapping[str, str] = os.environ) -> str | N
 
 
 DEVICES = ("auto", "cpu", "cuda")
+PRECISIONS = ("auto", "fp32", "fp16")
 
 
 def device_from_environment(environ: Mapping[str, str] = os.environ) -> str:
@@ -96,6 +97,15 @@ def device_from_environment(environ: Mapping[str, str] = os.environ) -> str:
     if device not in DEVICES:
         raise ValueError(f"{name}={raw}: choose {', '.join(DEVICES)}")
     return device
+
+
+def precision_from_environment(environ: Mapping[str, str] = os.environ) -> str:
+    """VISIONSERVE_PRECISION: which graph of a model that has an FP16 variant (`make fp16`) is served. `auto`: the
+    FP16 graph on CUDA, where it pays, and the FP32 graph on CPU; `fp16` or `fp32`: that graph on any device."""
+    raw = environ.get(ENV_PREFIX + "PRECISION", "auto")
+    if raw.strip().lower() not in PRECISIONS:
+        raise ValueError(f"{ENV_PREFIX}PRECISION={raw}: choose {', '.join(PRECISIONS)}")
+    return raw.strip().lower()
 
 
 TASKS = ("classification", "segmentation", "generation")
@@ -152,6 +162,8 @@ class InferenceConfig:
     # VISIONSERVE_DEVICE: "auto" (CUDA where it really runs, else CPU), "cpu", or "cuda" (CUDA on every session
     # or the server refuses to start: service/onnx_models.py, cuda_missing)
     device: str
+    # VISIONSERVE_PRECISION: auto (FP16 variants on CUDA), fp32 or fp16 (precision_from_environment)
+    precision: str
     batching: bool
     max_batch_size: int
     # Images waiting for a model before new requests get 503 + Retry-After. In a closed loop the
@@ -192,6 +204,7 @@ class InferenceConfig:
             # oversubscribe them (docs/ARCHITECTURE.md: each session uses every core by default).
             intra_op_threads=_int(environ, "THREADS", max(1, available_cores() // workers)),
             device=device,
+            precision=precision_from_environment(environ),
             batching=batching == "on",
             max_batch_size=_int(environ, "MAX_BATCH_SIZE", 256),
             max_queued_images=_int(environ, "MAX_QUEUED_IMAGES", 2048),

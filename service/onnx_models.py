@@ -46,6 +46,7 @@ class ModelEntry:
     named_by: Path | str = ""
     session: ort.InferenceSession | None = None
     provider: str | None = None
+    precision: str = "fp32"  # which graph runs: model.onnx, or the card's FP16 variant (graph_to_serve)
     unavailable_reason: str | None = None
     output_names: list[str] = field(default_factory=list)
     output_name: str = "probabilities"  # what `run` returns: probabilities [N, K] or a mask [N, H, W]
@@ -82,6 +83,7 @@ class ModelEntry:
             "status": "available" if self.available else "unavailable",
             "unavailable_reason": self.unavailable_reason,
             "provider": self.provider,
+            "precision": self.precision,
         }
 
 
@@ -126,6 +128,7 @@ def preload_cuda_libraries() -> None:
 
 CUDA = "CUDAExecutionProvider"
 CPU = "CPUExecutionProvider"
+FP16_SECTION = "fp16"  # the card's features section naming a model's FP16 graph (export/fp16.py)
 GPU_INSTALL_HINT = ("install the CUDA 13 and cuDNN 9 wheels onnxruntime-gpu 1.31.1 declares in its [cuda,cudnn] "
                     "extras (`make serve GPU=1`, deploy/requirements-gpu.txt), or use the GPU image")
 
@@ -230,15 +233,26 @@ def warm_up(session: ort.InferenceSession, entry: ModelEntry, batch_sizes: tuple
             seconds_per_item = (time.perf_counter() - started) / batch_size
 
 
+def graph_to_serve(entry: ModelEntry, precision: str, providers: list[str]) -> tuple[Path, str, str | None]:
+    """(file, "fp32" or "fp16", its sha256 by the card): the FP16 variant the card's features.fp16 section names
+    (export/fp16.py) when VISIONSERVE_PRECISION asks for it (fp16), or leaves it to the device (auto: on CUDA,
+    where half precision pays; onnxruntime's CPU provider runs it no faster). Else model.onnx."""
+    variant = (entry.card.get("features") or {}).get(FP16_SECTION) or {}
+    wanted = precision == "fp16" or (precision == "auto" and providers[0] == CUDA)
+    if wanted and variant.get("file") and variant.get("released", True):
+        return entry.folder / variant["file"], "fp16", variant.get("sha256")
+    return entry.folder / "model.onnx", "fp32", entry.card.get("sha256")
+
+
 def load_verified_model(entry: ModelEntry, intra_op_threads: int, providers: list[str],
-                        warmup_batch_sizes: tuple[int, ...], allow_spinning: bool = False) -> None:
+                        warmup_batch_sizes: tuple[int, ...], allow_spinning: bool = False,
+                        precision: str = "auto") -> None:
     """Check the checksum against the card, create the session, warm it up; or mark the entry unavailable."""
-    model_path = entry.folder / "model.onnx"
+    model_path, entry.precision, expected = graph_to_serve(entry, precision, providers)
     if not model_path.is_file():
-        entry.unavailable_reason = "model.onnx missing"
-        logger.error("model %s refused: %s has no model.onnx", entry.name, entry.folder)
+        entry.unavailable_reason = f"{model_path.name} missing"
+        logger.error("model %s refused: %s has no %s", entry.name, entry.folder, model_path.name)
         return
-    expected = entry.card.get("sha256")
     actual = sha256_of_file(model_path)
     if actual != expected:
         entry.unavailable_reason = f"sha256 mismatch: card says {expected}, file is {actual}"
@@ -260,6 +274,6 @@ def load_verified_model(entry: ModelEntry, intra_op_threads: int, providers: lis
     entry.provider = session.get_providers()[0]
     entry.output_names = [output.name for output in session.get_outputs()]
     logger.info("model %s %s loaded from %s: sha256 verified (%s), tag %s, from %s %s; provider %s (asked %s), "
-                "%d intra-op threads", entry.name, entry.card.get("version"), model_path, expected,
+                "%s graph, %d intra-op threads", entry.name, entry.card.get("version"), model_path, expected,
                 entry.tag or "none (folder)", entry.source, entry.named_by, entry.provider, providers[0],
-                intra_op_threads)
+                entry.precision, intra_op_threads)

@@ -204,6 +204,8 @@ class ModelDescription(BaseModel):
     status: Literal["available", "unavailable"]
     unavailable_reason: str | None = None
     provider: str | None = None
+    precision: Literal["fp32", "fp16"] = Field("fp32", description="the graph that runs: model.onnx, or the FP16 "
+                                                                  "variant its card names (VISIONSERVE_PRECISION)")
     default: bool | None = Field(None, description="GET /models/{name} only: the task's default model")
 
 

@@ -37,7 +37,8 @@ class TaskModels:
             warmup_sizes = (1, 4)  # whole-image tasks: batches are small, images large
         for entry in entries:
             entry.output_name = SERVED_OUTPUT[task]
-            load_verified_model(entry, inference.intra_op_threads, providers, warmup_sizes, inference.allow_spinning)
+            load_verified_model(entry, inference.intra_op_threads, providers, warmup_sizes, inference.allow_spinning,
+                                inference.precision)
         self.models: dict[str, ModelEntry] = {entry.name: entry for entry in entries}
         if self.configured_default and self.configured_default not in self.models:
             logger.warning("VISIONSERVE_DEFAULT_MODELS names %s for %s, which this server does not have; the default "

@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import base64
 import io
+import shutil
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
@@ -235,9 +236,13 @@ def test_exif_orientation_is_applied(server_url, fashion_test_images):
 
 def test_default_model_comes_from_the_configuration(tmp_path):
     """VISIONSERVE_DEFAULT_MODELS picks what a request without `model` gets; a name the server does not have
-    falls back to the best available by its card, and says so in the log."""
+    falls back to the best available by its card, and says so in the log. Two released classifiers are enough
+    (the servers load nothing else: each start-up is the cost of this test)."""
+    models = tmp_path / "models"
+    for name in ("mlp", "cnn"):
+        shutil.copytree(MODELS_DIR / name, models / name)
     image = png()
-    running = start_server(tmp_path / "server.log", {"VISIONSERVE_MODELS_DIR": str(MODELS_DIR),
+    running = start_server(tmp_path / "server.log", {"VISIONSERVE_MODELS_DIR": str(models),
                                                      "VISIONSERVE_DEFAULT_MODELS": "classification=mlp"})
     try:
         assert httpx.get(running.url + "/models", timeout=10).json()["default"]["classification"] == "mlp"
@@ -245,7 +250,7 @@ def test_default_model_comes_from_the_configuration(tmp_path):
         assert post_pngs(running.url, [image], model="cnn").json()["model"] == "cnn"
     finally:
         stop_server(running)
-    running = start_server(tmp_path / "server2.log", {"VISIONSERVE_MODELS_DIR": str(MODELS_DIR),
+    running = start_server(tmp_path / "server2.log", {"VISIONSERVE_MODELS_DIR": str(models),
                                                       "VISIONSERVE_DEFAULT_MODELS": "classification=nonesuch"})
     try:
         described = httpx.get(running.url + "/models", timeout=10).json()

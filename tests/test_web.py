@@ -226,6 +226,9 @@ def test_models_section_shows_each_cards_essentials(page, server_url):
         assert f"{model['architecture']['parameters']:,}" in text
         for figure in model["release"]["figures"]:
             assert figure["text"] in text, (model["name"], figure["text"])
+    # The embedding map `make embedding-map` drew for the default classifier, decoded by the browser.
+    page.wait_for_function("document.querySelector('#embedding-map img').complete")
+    assert page.eval_on_selector("#embedding-map img", "img => img.naturalWidth") > 0
 
 
 def test_swagger_ui_at_docs_renders_our_routes_under_its_policy(page, server_url, record):

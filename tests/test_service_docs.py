@@ -67,7 +67,7 @@ def test_curl_examples_run_as_written(example_dir, server):
         assert result.returncode == 0, (command, result.stderr)
         answer = json.loads(result.stdout)
         assert "error" not in answer, (command, answer)
-        assert any(key in answer for key in ("predictions", "models", "embeddings", "results"))
+        assert any(key in answer for key in ("predictions", "models", "embeddings", "results", "reconstructions"))
 
 
 def test_python_client_example_runs_as_written(example_dir, server):

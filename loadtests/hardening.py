@@ -19,6 +19,7 @@ import numpy as np
 
 from loadtests.machine import machine, paused, stamp
 from loadtests.payloads import fashion_test_images
+from loadtests.server import pinned_to
 
 REPO = Path(__file__).resolve().parent.parent
 BIN = Path(sys.executable).parent
@@ -72,8 +73,10 @@ def server_settings(max_queued_images: int | None, workers: int) -> dict[str, st
 
 
 def start_locust(url: str, users: int, seconds: int, label: str, out: Path, images_npy: Path,
-                 processes: int = 1, wait_s: float = 0.0, user_rate: float | None = None) -> subprocess.Popen:
-    """Headless Locust of locust_overload.py in the background; its records go to out/requests.<label>.*.csv."""
+                 processes: int = 1, wait_s: float = 0.0, user_rate: float | None = None,
+                 cpus: set[int] | None = None) -> subprocess.Popen:
+    """Headless Locust of locust_overload.py in the background, on `cpus` if given; its records go to
+    out/requests.<label>.*.csv."""
     command = [str(BIN / "locust"), "-f", str(LOCUSTFILE), "--headless", "-u", str(users), "-r", str(users),
                "-t", f"{seconds}s", "-H", url, "--stop-timeout", "5", "--only-summary", "--loglevel", "WARNING"]
     if processes > 1:
@@ -82,7 +85,8 @@ def start_locust(url: str, users: int, seconds: int, label: str, out: Path, imag
            "OVERLOAD_LABEL": label, "OVERLOAD_WAIT_S": str(wait_s),
            "OVERLOAD_USER_RATE": str(user_rate or "")}
     with open(out / f"locust-{label}.log", "wb") as log:  # the child keeps its own copy of the descriptor
-        return subprocess.Popen(command, cwd=REPO, env=env, stdout=log, stderr=subprocess.STDOUT)
+        return subprocess.Popen(command, cwd=REPO, env=env, stdout=log, stderr=subprocess.STDOUT,
+                                preexec_fn=pinned_to(cpus))
 
 
 # --- the timeline --------------------------------------------------------------------------------------

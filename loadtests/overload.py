@@ -32,7 +32,7 @@ import numpy as np
 
 from loadtests.hardening import (SHED_STATUSES, argument_parser, checks_table, machine_line, measure_paused, per_second,
     percentile, read_records, save_figure, server_settings, start_locust, status_mix, write_images, write_report)
-from loadtests.server import models_folder_environment, readyz, running_server
+from loadtests.server import models_folder_environment, readyz, running_server, split_cpus
 
 RECOVERY_FRACTION = 0.9  # "normal throughput": 90% of the light load's baseline median of 200s per second
 
@@ -52,6 +52,13 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--max-queued-images", type=int, default=int(os.environ.get("MAX_QUEUED_IMAGES", 64)),
                         help="VISIONSERVE_MAX_QUEUED_IMAGES for the run (the shipped default is 2048)")
     parser.add_argument("--p99-bound-ms", type=float, default=1000.0, help="p99 of accepted requests must stay under")
+    parser.add_argument("--measure-capacity", type=int, default=0, metavar="SECONDS",
+                        help="first measure the capacity of this very server (closed-loop users, no wait, for "
+                             "SECONDS): its 200s per second replace --capacity")
+    parser.add_argument("--capacity-users", type=int, default=32)
+    parser.add_argument("--no-pinning", action="store_true",
+                        help="let the server and Locust share every core (the default pins them to separate halves "
+                             "of the usable CPUs where there are at least two)")
     parser.add_argument("--recovery-bound-s", type=float, default=5.0)
     return parser.parse_args(argv)
 
@@ -61,19 +68,32 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
 def measure(args: argparse.Namespace, out: Path) -> dict:
     images_npy = write_images(out)
     settings = server_settings(args.max_queued_images, args.workers)
-    with running_server(models_folder_environment(args.models, settings), out / "server.log") as server:
+    server_cpus, locust_cpus = (None, None) if args.no_pinning else (split_cpus() or (None, None))
+    with running_server(models_folder_environment(args.models, settings), out / "server.log",
+                        cpus=server_cpus) as server:
+        measured_capacity = None
+        if args.measure_capacity:
+            start_locust(server.url, args.capacity_users, args.measure_capacity, "capacity", out, images_npy,
+                         args.burst_processes, cpus=locust_cpus).wait(timeout=args.measure_capacity + 60)
+            records = read_records(out, "capacity")
+            ok = records[records[:, 1] == 200]
+            # Whole span of the 200s, first answer to last: the closed loop's steady rate.
+            measured_capacity = round(len(ok) / max(ok[-1, 0] - ok[0, 0], 1e-9), 1) if len(ok) > 1 else None
         total = args.baseline_seconds + args.seconds + args.after_seconds
-        light = start_locust(server.url, args.light_users, total + 3, "light", out, images_npy)
+        light = start_locust(server.url, args.light_users, total + 3, "light", out, images_npy, cpus=locust_cpus)
         time.sleep(args.baseline_seconds + 3)  # Locust's start (imports, payloads) takes about 2 s
         burst_start = time.time()
         burst = start_locust(server.url, args.burst_users, args.seconds, "burst", out, images_npy,
-                             args.burst_processes)
+                             args.burst_processes, cpus=locust_cpus)
         burst.wait(timeout=args.seconds + 60)
         light.wait(timeout=total + 60)
         ready_after = readyz(server.url)
         server_alive = server.process.poll() is None
+    pinning = ({"server_cpus": sorted(server_cpus), "locust_cpus": sorted(locust_cpus)} if server_cpus
+               else {"server_cpus": None, "locust_cpus": None})
     return {"url_env": settings, "ready_after": ready_after, "server_alive": server_alive,
-            "burst_start": burst_start, "light_exit": light.returncode, "burst_exit": burst.returncode}
+            "burst_start": burst_start, "light_exit": light.returncode, "burst_exit": burst.returncode,
+            "measured_capacity": measured_capacity, **pinning}
 
 
 def analyse(args: argparse.Namespace, out: Path, run: dict) -> dict:
@@ -104,13 +124,16 @@ def analyse(args: argparse.Namespace, out: Path, run: dict) -> dict:
                 recovery_s = round(max(0.0, b["t"] + 1 - burst_end_s), 2)
                 break
     light_after = light[light[:, 0] > burst_window[1]]
-    target = args.factor * args.capacity
+    capacity = run["measured_capacity"] or args.capacity
+    target = args.factor * capacity
     result = {
         "target_offered_req_per_s": target,
-        "capacity_req_per_s": args.capacity,
+        "capacity_req_per_s": capacity,
+        "capacity_measured_in_this_run": run["measured_capacity"] is not None,
+        "server_cpus": run["server_cpus"], "locust_cpus": run["locust_cpus"],
         "burst_seconds_measured": round(span, 1),
         "offered_req_per_s": round(len(during) / span, 1),
-        "offered_over_capacity": round(len(during) / span / args.capacity, 2),
+        "offered_over_capacity": round(len(during) / span / capacity, 2),
         "served_req_per_s": round(len(ok) / span, 1),
         "shed_req_per_s": round(len(shed) / span, 1),
         "status_mix_during_burst": status_mix(during),
@@ -164,6 +187,19 @@ def plot(result: dict, path: Path) -> None:
     save_figure(figure, path)
 
 
+def pinning_text(result: dict) -> str:
+    if not result["server_cpus"]:
+        return "shared (not pinned)"
+    return f"{result['server_cpus']} / {result['locust_cpus']}"
+
+
+def capacity_source(result: dict, arguments: dict) -> str:
+    if result["capacity_measured_in_this_run"]:
+        return (f"this server, {arguments['capacity_users']} closed-loop users for "
+                f"{arguments['measure_capacity']} s first")
+    return "--capacity, e.g. from docs/PERFORMANCE.md"
+
+
 def markdown(report: dict) -> str:
     r, a = report["result"], report["arguments"]
     lines = [
@@ -173,7 +209,8 @@ def markdown(report: dict) -> str:
         f"Burst: {a['burst_users']} closed-loop users (no wait) in {a['burst_processes']} Locust processes for "
         f"{a['seconds']} s, on top of {a['light_users']} light-load users that run before, during and after.", "",
         "| figure | value |", "|---|---:|",
-        f"| capacity (docs/PERFORMANCE.md) | {r['capacity_req_per_s']:g} req/s |",
+        f"| CPUs: server / Locust | {pinning_text(r)} |",
+        f"| capacity ({capacity_source(r, a)}) | {r['capacity_req_per_s']:g} req/s |",
         f"| target offered rate | {r['target_offered_req_per_s']:g} req/s |",
         f"| offered (answered) during the burst | {r['offered_req_per_s']:g} req/s ({r['offered_over_capacity']:g}x capacity) |",
         f"| served (200) during the burst | {r['served_req_per_s']:g} req/s |",
@@ -190,9 +227,11 @@ def markdown(report: dict) -> str:
         *checks_table(r["checks"]), "",
         "![req/s and p99 over time](overload.png)", ""]
     if r["offered_over_capacity"] < report["arguments"]["factor"]:
+        sharing = ("Locust has its own cores, so the client processes are the limit"
+                   if r["server_cpus"] else "Locust shares the cores with the server")
         lines += [f"The load generator reached {r['offered_over_capacity']:g}x capacity, not "
-                  f"{a['factor']:g}x: Locust shares the 2 cores with the server, and a closed loop offers only as "
-                  "fast as answers (200 or 503) come back.", ""]
+                  f"{a['factor']:g}x: {sharing}, and a closed loop offers only as fast as answers (200 or 503) "
+                  "come back.", ""]
     return "\n".join(lines)
 
 

@@ -17,7 +17,7 @@ import sys
 import time
 import urllib.error
 import urllib.request
-from collections.abc import Iterator, Mapping
+from collections.abc import Collection, Iterator, Mapping
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -91,21 +91,40 @@ def models_folder_environment(models_dir: str | Path, settings: Mapping[str, str
 
 
 def start_server(env: Mapping[str, str], log_path: Path, *, host: str | None = "127.0.0.1",
-                 port: int | None = None, timeout_s: float = 180) -> Server:
+                 port: int | None = None, timeout_s: float = 180, cpus: Collection[int] | None = None) -> Server:
     """`bentoml serve` with exactly `env` on `port` (a free one by default), its output in `log_path`; returned
     once /readyz answers 200. `host=None` leaves the address to the service's own default (the URL is then
-    127.0.0.1's). Raises RuntimeError with the server's log when it exits or is not ready within `timeout_s`."""
+    127.0.0.1's). `cpus`: the CPU set the server and its workers may run on (their default worker count follows
+    it). Raises RuntimeError with the server's log when it exits or is not ready within `timeout_s`."""
     port = port or free_port()
     command = [str(Path(sys.executable).parent / "bentoml"), "serve", "service.app:VisionService",
                *(["--host", host] if host else []), "--port", str(port)]
     with open(log_path, "wb") as log:  # the child keeps its own copy of the descriptor
         process = subprocess.Popen(command, cwd=REPO, env=dict(env), stdout=log, stderr=subprocess.STDOUT,
-                                   start_new_session=True)
+                                   start_new_session=True, preexec_fn=pinned_to(cpus))
     server = Server(f"http://{host or '127.0.0.1'}:{port}", process, log_path)
     wait_ready(process, server.url + "/readyz", log_path, timeout_s)
     # Checked at the first 200: the load-and-warm-up log line must already be there.
     server.ready_before_load = READY_LOG_LINE not in server.log()
     return server
+
+
+def pinned_to(cpus: Collection[int] | None):
+    """A Popen preexec_fn that confines the child (and what it starts) to `cpus`; None when not pinned."""
+    if not cpus:
+        return None
+    chosen = set(cpus)
+    return lambda: os.sched_setaffinity(0, chosen)
+
+
+def split_cpus() -> tuple[set[int], set[int]] | None:
+    """This process's usable CPUs halved, (server's, load generator's), so that the load does not compete with
+    the server for cores; None with fewer than two."""
+    usable = sorted(os.sched_getaffinity(0))
+    if len(usable) < 2:
+        return None
+    half = len(usable) // 2
+    return set(usable[:half]), set(usable[half:])
 
 
 def stop_process_group(process: subprocess.Popen, grace_s: float = 20) -> None:

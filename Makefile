@@ -180,7 +180,7 @@ int8: install data models-present
 # FP16 graphs for the CUDA provider (VISIONSERVE_PRECISION): models/<name>/model-fp16.onnx and the card's
 # features.fp16 section, parity-checked against FP32 on the full test split (benchmarks/results/fp16.md).
 fp16: install data models-present
-	$(BIN)/python -m export.fp16 --model models/mlp models/cnn models/resnet-student models/segnet
+	$(BIN)/python -m export.fp16 --model models/mlp models/cnn models/resnet-student models/densenet models/segnet
 
 # Raw onnxruntime ms per image of every released classifier beside its accuracy; benchmarks/results/classifier_cost.*
 bench-classifiers: install data models-present

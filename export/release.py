@@ -52,8 +52,24 @@ CLASSIFIER_FLOORS = {"mlp": 0.900, "cnn": 0.930, "resnet": 0.950, "resnet-studen
 CLASSIFIER_GOALS = {"mlp": 0.900, "cnn": 0.930, "resnet": 0.950, "resnet-student": 0.948, "densenet": 0.954}
 
 
+# A quantized variant (export/quantize.py writes models/<source>-int8) is the same model, held to its source's goal
+# and floor.
+VARIANT_SUFFIXES = ("-int8",)
+
+
+def source_model(name: str) -> str:
+    """The released model a variant was made from (`cnn-int8` -> `cnn`); a model's own name otherwise."""
+    return next((name.removesuffix(suffix) for suffix in VARIANT_SUFFIXES if name.endswith(suffix)), name)
+
+
+def classifier_floor(name: str) -> float | None:
+    return CLASSIFIER_FLOORS.get(source_model(name))
+
+
 def classifier_targets(name: str) -> tuple[Target, ...]:
-    return (Target("accuracy", "test accuracy", goal=CLASSIFIER_GOALS.get(name), floor=CLASSIFIER_FLOORS.get(name)),)
+    source = source_model(name)
+    return (Target("accuracy", "test accuracy", goal=CLASSIFIER_GOALS.get(source),
+                   floor=CLASSIFIER_FLOORS.get(source)),)
 
 
 def figure_text(target: Target, value: float) -> str:

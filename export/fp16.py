@@ -27,7 +27,7 @@ import onnxruntime as ort
 from onnxruntime.transformers.float16 import convert_float_to_float16
 
 from export.onnx_io import cpu_session, run_batched, sha256_bytes
-from formats.idx import FASHION_MNIST_DIR, find_idx, read_idx
+from training.data import load_dataset
 from training.metrics import iou_scores
 from training.scenes import TEST_SCENE_SEED, TEST_SCENES, fixed_test_scenes
 
@@ -65,10 +65,11 @@ def classifier_parity(fp32: ort.InferenceSession, fp16: ort.InferenceSession, im
             "max_abs_probability_difference": float(np.abs(reference - half).max())}
 
 
-def segmenter_parity(fp32: ort.InferenceSession, fp16: ort.InferenceSession, card: dict) -> dict:
+def segmenter_parity(fp32: ort.InferenceSession, fp16: ort.InferenceSession, card: dict,
+                     data_dir: str | None = None) -> dict:
     """mIoU of both graphs on the released fixed test scenes, and the share of pixels given the same class."""
     height, width = card["input"]["trained_height"], card["input"]["trained_width"]
-    scenes = fixed_test_scenes(TEST_SCENES, TEST_SCENE_SEED, height, width)
+    scenes = fixed_test_scenes(TEST_SCENES, TEST_SCENE_SEED, height, width, data_dir=data_dir)
     images, truth = scenes.images.numpy(), scenes.masks.numpy()
     reference, half = (first_output(session, "mask", images, 50) for session in (fp32, fp16))
     miou_fp32 = iou_scores(truth, reference, len(card["labels"]))[1]
@@ -78,23 +79,17 @@ def segmenter_parity(fp32: ort.InferenceSession, fp16: ort.InferenceSession, car
             "pixel_agreement": float(np.mean(reference == half))}
 
 
-def test_split(data_dir: Path) -> tuple[np.ndarray, np.ndarray]:
-    images = read_idx(find_idx(data_dir, "t10k-images-idx3-ubyte"), expected_ndim=3)[:, None]
-    labels = read_idx(find_idx(data_dir, "t10k-labels-idx1-ubyte"), expected_ndim=1)
-    return images, labels.astype(np.int64)
-
-
-def make_variant(model_dir: Path, data_dir: Path, first_images: int | None = None,
+def make_variant(model_dir: Path, data_dir: str | None = None, first_images: int | None = None,
                  max_delta_points: float = MAX_DELTA_POINTS) -> dict:
     """Convert, check and (when it passes) write one model folder's FP16 variant; returns its card section."""
     card = json.loads((model_dir / "card.json").read_text())
     fp16_bytes = to_fp16(model_dir / "model.onnx")
     fp32, fp16 = cpu_session((model_dir / "model.onnx").read_bytes()), cpu_session(fp16_bytes)
     if card["task"] == "classification":
-        images, labels = test_split(data_dir)
-        parity = classifier_parity(fp32, fp16, images[:first_images], labels[:first_images])
+        test = load_dataset(card["metrics"].get("dataset", "fashion-mnist"), "test", data_dir)
+        parity = classifier_parity(fp32, fp16, test.images.numpy()[:first_images], test.labels.numpy()[:first_images])
     elif card["task"] == "segmentation":
-        parity = segmenter_parity(fp32, fp16, card)
+        parity = segmenter_parity(fp32, fp16, card, data_dir)
     else:
         raise ValueError(f"{model_dir}: no FP16 variant for task {card['task']!r} (classifiers and segmenters only)")
     section = {"file": VARIANT_FILE, "sha256": sha256_bytes(fp16_bytes), "file_bytes": len(fp16_bytes),
@@ -119,15 +114,16 @@ def markdown_table(rows: list[dict]) -> str:
         before, after = (p["accuracy_fp32"], p["accuracy_fp16"]) if classification else (p["miou_fp32"], p["miou_fp16"])
         agreement = p["top1_agreement"] if classification else p["pixel_agreement"]
         largest = f"{p['max_abs_probability_difference']:.2e}" if classification else "-"
+        released = "yes" if r["released"] else "no"
         lines.append(f"| {r['name']} | {r['task']} | {before:.4f} | {after:.4f} | {p['delta_points']:+.2f} | "
-                     f"{agreement:.4%} | {largest} | {r['file_bytes'] / 1e6:.1f} MB | {'yes' if r['released'] else 'no'} |")
+                     f"{agreement:.4%} | {largest} | {r['file_bytes'] / 1e6:.1f} MB | {released} |")
     return "\n".join(lines) + "\n"
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--model", nargs="+", type=Path, required=True, help="released model folders (models/<name>)")
-    p.add_argument("--data-dir", type=Path, default=FASHION_MNIST_DIR)
+    p.add_argument("--data-dir", help="MNIST-format folder instead of the default Fashion-MNIST location")
     p.add_argument("--out", type=Path, default=Path("benchmarks/results"), help="fp16.json and fp16.md go here")
     p.add_argument("--first-images", type=int, help="check classifiers on the first N test images and write "
                    "nothing to the model folders (a quick run; the released figures use the whole split)")

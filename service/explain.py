@@ -175,7 +175,7 @@ def check_occlusion_params(params: ExplainParams, spec: InputSpec) -> None:
 
 async def explain_pixels(entry: ModelEntry, pixels: np.ndarray, params: ExplainParams) -> dict:
     """uint8 [C, H, W] fitted pixels -> the explanation (maps at model size) and what was run."""
-    spec = InputSpec.from_card(entry.card)
+    spec = entry.input_spec
     labels = entry.card["labels"]
     method = chosen_method(params, entry)
     if method == "cam":

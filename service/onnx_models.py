@@ -9,12 +9,15 @@ from __future__ import annotations
 import hashlib
 import logging
 import time
+import functools
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Sequence
 
 import numpy as np
 import onnxruntime as ort
+
+from .images import InputSpec
 
 if TYPE_CHECKING:
     from .batching import AdaptiveBatcher, DirectRunner
@@ -53,6 +56,11 @@ class ModelEntry:
     # Its runner once loaded (service/task_models.py): `await entry.runner.infer(inputs, outputs)` runs it through
     # the adaptive batcher (or direct calls when batching is off), which calls `run`.
     runner: AdaptiveBatcher | DirectRunner | None = None
+
+    @functools.cached_property
+    def input_spec(self) -> InputSpec:
+        """How an image is fitted to this model, from its card: derived once, read by every request."""
+        return InputSpec.from_card(self.card)
 
     @property
     def available(self) -> bool:
@@ -239,7 +247,7 @@ def graph_to_serve(entry: ModelEntry, precision: str, providers: list[str]) -> t
     where half precision pays; onnxruntime's CPU provider runs it no faster). Else model.onnx."""
     variant = (entry.card.get("features") or {}).get(FP16_SECTION) or {}
     wanted = precision == "fp16" or (precision == "auto" and providers[0] == CUDA)
-    if wanted and variant.get("file") and variant.get("released", True):
+    if wanted and variant.get("file"):
         return entry.folder / variant["file"], "fp16", variant.get("sha256")
     return entry.folder / "model.onnx", "fp32", entry.card.get("sha256")
 

@@ -282,7 +282,7 @@ async def inputs_of(request: Request, form: Form, task: TaskModels, params_model
     if form == "tensor":
         params = parse_params(params_model, request.query_params.multi_items())
         entry = task.resolve_model(params.model)
-        pixels = load_npy_tensor(await request.body(), InputSpec.from_card(entry.card), limits)
+        pixels = load_npy_tensor(await request.body(), entry.input_spec, limits)
         if check_count is not None:
             check_count(params, len(pixels), "body")
         if params.invert == "true":  # tensors are model-ready; "auto" leaves them as sent
@@ -292,7 +292,7 @@ async def inputs_of(request: Request, form: Form, task: TaskModels, params_model
     entry = task.resolve_model(params.model)
     if check_count is not None:
         check_count(params, len(files), "images")
-    pixels, inverted, images = await fit_images(files, InputSpec.from_card(entry.card), params.invert,
+    pixels, inverted, images = await fit_images(files, entry.input_spec, params.invert,
                                                 limits.max_pixels_per_image, keep_images)
     return Inputs(params, entry, pixels, inverted, images)
 

@@ -67,7 +67,7 @@ async def segment_image(data: bytes, params: SegmentParams) -> Response:
     service = get_current_service()
     limits = service.config.limits
     entry = service.segmentation.resolve_model(params.model)
-    spec = InputSpec.from_card(entry.card)
+    spec = entry.input_spec
     max_pixels = min(limits.max_pixels_per_image, limits.max_segment_pixels)
     if len(data) <= INLINE_DECODE_BYTES:
         pixels, gray, inverted = prepare(data, spec, params.invert, max_pixels)

@@ -22,7 +22,6 @@ from starlette.responses import JSONResponse, Response
 from starlette.routing import Route
 
 from .errors import ApiError
-from .images import InputSpec
 from .masks import pad_to_multiple
 from .onnx_models import ModelEntry
 from .parsing import INLINE_DECODE_BYTES, decode_base64_image, fit_images
@@ -355,14 +354,14 @@ async def run_classifier(entry: ModelEntry, arrays: dict[str, np.ndarray], reque
     check_image_count(pixels.size if pixels.dtype == object else len(pixels))
     if pixels.dtype == object:  # image files: decoded and fitted exactly as /classify does
         files = [(f"pixels[{index}]", data) for index, data in enumerate(pixels.ravel())]
-        pixels, _, _ = await fit_images(files, InputSpec.from_card(entry.card), invert_parameter(request),
+        pixels, _, _ = await fit_images(files, entry.input_spec, invert_parameter(request),
                                         get_current_service().config.limits.max_pixels_per_image)
     return await entry.runner.infer(pixels, outputs=outputs)
 
 
 def decoded_scenes(images: np.ndarray, entry: ModelEntry, invert: str, max_pixels: int) -> tuple[np.ndarray, tuple]:
     """BYTES image files -> padded uint8 [N, C, H', W'] as /segment prepares one, and their common H x W."""
-    spec = InputSpec.from_card(entry.card)
+    spec = entry.input_spec
     padded, sizes = [], []
     for index, data in enumerate(images.ravel()):
         try:
@@ -396,7 +395,7 @@ async def run_segmenter(entry: ModelEntry, arrays: dict[str, np.ndarray], reques
         if height * width > max_pixels or height == 0 or width == 0:
             raise ApiError(413 if height * width else 400, "too_many_pixels",
                            f"images of {height}x{width}; the limit is 1 to {max_pixels} pixels")
-        spec = InputSpec.from_card(entry.card)
+        spec = entry.input_spec
         padded = np.stack([pad_to_multiple(image, spec.stride, spec.padding_value) for image in pixels])
     results = await entry.runner.infer(padded, outputs=outputs)
     # mask [N, H, W] and probabilities [N, K, H, W]: the last two axes are the image's.

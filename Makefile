@@ -161,7 +161,7 @@ bench-serve: install data models-present
 
 # visionserve as shipped against the servers users would pick instead (benchmarks/peers.py), same CNN, same Locust
 # load. The peers live in their own venv, .venv-peers (pyproject's `peers` extra + the service's onnxruntime, numpy
-# and pillow pins): LitServe's uvicorn[standard] would put uvloop and httptools into .venv and change visionserve.
+# and pillow pins), so that no peer's pins change what .venv serves with.
 PEERS_VENV := .venv-peers
 PEERS_ARGS ?=
 $(PEERS_VENV)/.installed: pyproject.toml $(INSTALLED)

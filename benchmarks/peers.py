@@ -14,10 +14,10 @@ Where the machine has >= 4 usable cores, servers and Locust get disjoint CPU set
 every process a server starts); with fewer they share the cores, and the table says so.
 
 FastAPI, LitServe and the floor run from a separate venv (.venv-peers, `make bench-peers` creates it from the
-`peers` extra plus the service's own onnxruntime/numpy/pillow pins): LitServe pulls uvicorn[standard], whose
-uvloop and httptools uvicorn (and so BentoML) picks automatically, so installing it into .venv would change how
-visionserve itself runs. visionserve and the BentoML peer run from .venv, as shipped. The table records which
-event loop and HTTP parser each server's interpreter gives uvicorn.
+`peers` extra plus the service's own onnxruntime/numpy/pillow pins), so that no peer's pins change how visionserve
+itself runs. visionserve and the BentoML peer run from .venv, as shipped (with uvloop and httptools, which uvicorn,
+and so BentoML, picks automatically). The table records which event loop and HTTP parser each server's interpreter
+gives uvicorn.
 
     .venv/bin/python -m benchmarks.peers                          # make bench-peers: 3 rounds x 30 s x 5 servers
     .venv/bin/python -m benchmarks.peers --duration 15 --rounds 1 --label "short run, busy machine"
@@ -54,7 +54,7 @@ REFERENCE = "fastapi"
 DESCRIPTION = {
     "visionserve": "visionserve as shipped (`bentoml serve service.app:VisionService`, its own batcher)",
     "fastapi": "plain FastAPI + uvicorn + onnxruntime, unbatched",
-    "fastapi-asyncio": "the same FastAPI app on uvicorn's asyncio loop and h11 parser (as BentoML runs here)",
+    "fastapi-asyncio": "the same FastAPI app on uvicorn's asyncio loop and h11 parser",
     "litserve": "LitServe, batching (max_batch_size 64, batch_timeout 5 ms)",
     "bentoml-batchable": "BentoML `@bentoml.api(batchable=True)`, max_batch_size 64",
     "http-floor": "HTTP floor: Starlette reads the body, fixed JSON answer",
@@ -75,6 +75,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--peers-python", default=str(PEERS_PYTHON), help="interpreter of the FastAPI/LitServe/floor peers")
     p.add_argument("--label", default="", help="a note printed above the table (e.g. a short run)")
     p.add_argument("--seed", type=int, default=0, help="which test image is sent")
+    p.add_argument("--sequential", type=int, default=1000,
+                   help="requests of one sequential client per server per round, before the load (0: none)")
     p.add_argument("--requirements", action="store_true", help="print the pinned requirements of .venv-peers and exit")
     p.add_argument("--dry-run", action="store_true", help="measure but do not write results")
     return p.parse_args(argv)
@@ -163,6 +165,37 @@ def first_answer(url: str, png: bytes) -> dict:
         return response.json()
 
 
+def sequential_ms(url: str, png: bytes, requests: int) -> float:
+    """Median ms of one client sending the PNG `requests` times, one after another, on one keep-alive connection:
+    a request's latency with nothing else in flight."""
+    import httpx
+
+    files = [("images", ("x.png", png, "image/png"))]
+    times = []
+    with httpx.Client(base_url=url, timeout=30) as client:
+        for _ in range(requests):
+            started = time.perf_counter()
+            client.post("/classify", files=files).raise_for_status()
+            times.append(time.perf_counter() - started)
+    return round(statistics.median(times) * 1e3, 3)
+
+
+def raw_model_ms(model_dir: Path, pixels, requests: int) -> float:
+    """Median ms of onnxruntime's batch-1 run of the CNN (probabilities, one thread), in this process."""
+    import onnxruntime as ort
+
+    options = ort.SessionOptions()
+    options.intra_op_num_threads = 1
+    options.inter_op_num_threads = 1
+    session = ort.InferenceSession(str(model_dir / "model.onnx"), options, providers=["CPUExecutionProvider"])
+    times = []
+    for _ in range(max(requests, 100)):
+        started = time.perf_counter()
+        session.run(["probabilities"], {"pixels": pixels})
+        times.append(time.perf_counter() - started)
+    return round(statistics.median(times[10:]) * 1e3, 4)
+
+
 def top_label(answer) -> str | None:
     """The top label in each peer's own answer shape."""
     if isinstance(answer, dict) and "predictions" in answer:
@@ -188,7 +221,23 @@ def medians(runs: list[dict]) -> dict:
         return statistics.median(values) if values else None
 
     return {"req_per_s": median("req_per_s"), "p50_ms": median("p50_ms"), "p99_ms": median("p99_ms"),
-            "errors": median("errors"), "requests": sum(r["requests"] for r in runs), "rounds": len(runs)}
+            "errors": median("errors"), "requests": sum(r["requests"] for r in runs), "rounds": len(runs),
+            "sequential_ms": median("sequential_ms") if any("sequential_ms" in r for r in runs) else None}
+
+
+def sequential_target(results: dict) -> dict | None:
+    """Issue 22's single-client target: visionserve's sequential time against the HTTP floor's plus the raw model's
+    (<= 1.5x), from medians of one run."""
+    peers_ = results["peers"]
+    if not {"visionserve", "http-floor"} <= set(peers_) or results.get("raw_model_ms") is None:
+        return None
+    served = peers_["visionserve"]["median"]["sequential_ms"]
+    floor = peers_["http-floor"]["median"]["sequential_ms"]
+    if served is None or floor is None:
+        return None
+    bound = floor + results["raw_model_ms"]
+    return {"served_ms": served, "floor_ms": floor, "raw_model_ms": results["raw_model_ms"],
+            "ratio": round(served / bound, 2), "target": 1.5}
 
 
 def fmt(value, digits: int = 0) -> str:
@@ -213,20 +262,30 @@ def markdown_report(results: dict) -> str:
         f"{setup['rounds']} round(s), servers interleaved round by round, one server at a time; {pinning}.",
         f"Every server: {setup['workers']} worker(s), 1 onnxruntime intra-op thread per worker. Medians over rounds; "
         f"ratio = median req/s against plain FastAPI's in the same run.", "",
-        "| server | event loop / HTTP parser | req/s | p50 ms | p99 ms | errors | req/s vs FastAPI | top label |",
-        "|---|---|---:|---:|---:|---:|---:|---|"]
+        "| server | event loop / HTTP parser | req/s | p50 ms | p99 ms | errors | req/s vs FastAPI | "
+        "1 client, ms | top label |",
+        "|---|---|---:|---:|---:|---:|---:|---:|---|"]
     for peer, row in results["peers"].items():
         m = row["median"]
         lines.append(f"| {DESCRIPTION[peer]} | {row['loop']} / {row['http']} | {fmt(m['req_per_s'])} | "
                      f"{fmt(m['p50_ms'])} | {fmt(m['p99_ms'])} | {fmt(m['errors'])} | "
-                     f"{fmt(row.get('ratio_to_fastapi'), 2)}x | {row['top_label'] or '(fixed answer)'} |")
+                     f"{fmt(row.get('ratio_to_fastapi'), 2)}x | {fmt(m.get('sequential_ms'), 2)} | "
+                     f"{row['top_label'] or '(fixed answer)'} |")
+    target = results.get("sequential_target")
+    if target:
+        lines += ["", f"One sequential client (\"1 client\": median of {setup.get('sequential', 'n')} requests per "
+                  f"round on one keep-alive httpx connection, before the load): visionserve {target['served_ms']:.2f} "
+                  f"ms against the HTTP floor's {target['floor_ms']:.2f} ms + the raw model's "
+                  f"{target['raw_model_ms']:.3f} ms (onnxruntime, batch 1, one thread, in the benchmark's process) = "
+                  f"**{target['ratio']:.2f}x** (target <= {target['target']}x)."]
     lines += ["", "Per round (req/s, p99 ms, errors):", ""]
     for peer, row in results["peers"].items():
         lines.append(f"- {peer}: " + "; ".join(f"{fmt(r['req_per_s'])} req/s, p99 {fmt(r['p99_ms'])}, "
                                                f"{r['errors']} errors" for r in row["runs"]))
     lines += ["", "FastAPI, LitServe and the floor run from `.venv-peers` (the `peers` extra: LitServe pulls "
               "uvicorn[standard], so uvloop and httptools); visionserve and the BentoML peer from `.venv`, as "
-              "`make serve` ships them (asyncio and h11); `fastapi-asyncio` is the FastAPI app told "
+              "`make serve` ships them (the loop and parser column says what uvicorn picks there); "
+              "`fastapi-asyncio` is the FastAPI app told "
               "`--loop asyncio --http h11`, to show what the loop and parser alone are worth. The peers answer the "
               "top label only; visionserve's answer also carries top-k, the auto-inversion flag and the OOD score, "
               "and fits any image to the card's spec (aspect-preserving resize, padding). "
@@ -264,9 +323,12 @@ def main(args: argparse.Namespace) -> dict:
                            "load_average_start": load_average(), "commit": git_commit()},
                "setup": {"users": args.users, "duration_s": args.duration, "rounds": args.rounds, "workers": workers,
                          "usable_cpus": usable, "server_cpus": server_cpus, "locust_cpus": locust_cpus,
-                         "pinned": pinned, "png_bytes": len(png), "model": str(model_dir)},
-               "peers": rows}
+                         "pinned": pinned, "png_bytes": len(png), "model": str(model_dir),
+                         "sequential": args.sequential},
+               "peers": rows, "raw_model_ms_runs": []}
     for round_index in range(args.rounds):
+        if args.sequential:
+            results["raw_model_ms_runs"].append(raw_model_ms(model_dir, image[:, None], args.sequential))
         for peer in args.peers:
             log_path = workdir / f"{peer}-{round_index}.log"
             with affinity(server_cpus):
@@ -274,14 +336,19 @@ def main(args: argparse.Namespace) -> dict:
             try:
                 answer = first_answer(url, png)
                 rows[peer]["top_label"] = None if peer == "http-floor" else top_label(answer)
+                sequential = sequential_ms(url, png, args.sequential) if args.sequential else None
                 run = locust_closed_loop(url, args.users, args.duration, images_npy,
                                          workdir / f"{peer}-{round_index}", locust_cpus)
+                run["sequential_ms"] = sequential
             finally:
                 stop_process_group(process)
             rows[peer]["runs"].append(run)
             print(f"round {round_index + 1} {peer}: {run}", flush=True)
     for row in rows.values():
         row["median"] = medians(row["runs"])
+    results["raw_model_ms"] = (statistics.median(results["raw_model_ms_runs"]) if results["raw_model_ms_runs"]
+                               else None)
+    results["sequential_target"] = sequential_target(results)
     if REFERENCE in rows and rows[REFERENCE]["median"]["req_per_s"]:
         for row in rows.values():
             row["ratio_to_fastapi"] = round(row["median"]["req_per_s"] / rows[REFERENCE]["median"]["req_per_s"], 3)

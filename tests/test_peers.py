@@ -17,7 +17,7 @@ def test_peer_requirements_are_exact_pins_outside_the_service_dependencies():
     names = {pin.split("==")[0].split("[")[0] for pin in requirements}
     assert {"fastapi", "litserve", "onnxruntime-gpu", "numpy", "pillow"} <= names
     service = {pin.split("==")[0].split("[")[0] for pin in project["dependencies"]}
-    assert not {"fastapi", "litserve", "uvloop", "httptools"} & service  # peers never reach the service's venv
+    assert not {"fastapi", "litserve"} & service  # peers never reach the service's venv
     assert "litserve" not in (REPO / "bentofile.yaml").read_text()
 
 
@@ -32,4 +32,15 @@ def test_medians_over_rounds():
     runs = [{"req_per_s": r, "p50_ms": 10.0, "p99_ms": p, "errors": 0, "requests": 100} for r, p in
             ((100.0, 50.0), (300.0, 70.0), (200.0, None))]
     assert peers.medians(runs) == {"req_per_s": 200.0, "p50_ms": 10.0, "p99_ms": 60.0, "errors": 0,
-                                   "requests": 300, "rounds": 3}
+                                   "requests": 300, "rounds": 3, "sequential_ms": None}
+
+
+def test_sequential_target_is_served_time_over_floor_plus_raw_model():
+    def row(*sequential):
+        return {"median": peers.medians([{"req_per_s": 1.0, "p50_ms": 1.0, "p99_ms": 1.0, "errors": 0, "requests": 1,
+                                          "sequential_ms": value} for value in sequential])}
+    results = {"peers": {"visionserve": row(1.1, 1.3, 1.2), "http-floor": row(0.5, 0.6, 0.7)}, "raw_model_ms": 0.2}
+    target = peers.sequential_target(results)
+    assert target == {"served_ms": 1.2, "floor_ms": 0.6, "raw_model_ms": 0.2, "ratio": 1.5, "target": 1.5}
+    assert peers.sequential_target({**results, "raw_model_ms": None}) is None  # run with --sequential 0
+    assert peers.sequential_target({"peers": {"visionserve": row(1.0)}, "raw_model_ms": 0.2}) is None  # no floor

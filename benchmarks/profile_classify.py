@@ -57,7 +57,7 @@ NAMED_STAGES = [
     ("multipart parsing (Starlette form + python-multipart)", "service/parsing.py", "read_multipart_upload"),
     ("PNG decode (Pillow)", "service/images.py", "decode_image"),
     ("fit to the input spec (mode, polarity, resize, pad)", "service/images.py", "fit_to_input_spec"),
-    ("OOD score of the embedding", "service/ood.py", "answers_off_loop_if_large"),
+    ("OOD answers (the score itself runs per batch on the batcher's thread)", "service/ood.py", "answers"),
     ("answer: top-k dict", "service/classify.py", "classification_answer"),
     ("JSON encoding (JSONResponse.render)", "starlette/responses.py", "render"),
     ("request parameters", "service/parsing.py", "parse_params"),

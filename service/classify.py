@@ -1,7 +1,7 @@
 """Classification routes: POST /classify (multipart), /classify/json (base64), /classify/tensor (.npy).
 
 A request reads top-down: its inputs (service/parsing.py: parameters, the model, fitted pixels), one batched
-model call for the probabilities (and the embedding where the model has OOD statistics: service/ood.py), the
+model call for the probabilities (and the OOD score where the model has OOD statistics: service/ood.py), the
 answer.
 """
 
@@ -15,6 +15,7 @@ from starlette.responses import JSONResponse
 
 from . import metrics
 from .onnx_models import ModelEntry
+from .ood import OOD_SCORE
 from .parsing import Form, ModelParams, inputs_of, routes_in_every_form
 
 
@@ -52,13 +53,13 @@ def classification_answer(entry: ModelEntry, probabilities: np.ndarray, top_k: i
 
 async def classify_pixels(entry: ModelEntry, pixels: np.ndarray, want_ood: bool) -> tuple[np.ndarray, list | None]:
     """The probabilities, and with `want_ood` each image's OOD answer (null for a model without OOD statistics),
-    from one batched model call that also returns the embedding (service/ood.py)."""
+    from one batched model call that also scores the embedding (service/ood.py)."""
     scorer = get_current_service().ood.get(entry.name) if want_ood else None
     if scorer is None:
         probabilities = await entry.runner.infer(pixels)
         return probabilities, ([None] * len(probabilities) if want_ood else None)
-    outputs = await entry.runner.infer(pixels, outputs=["probabilities", "embedding"])
-    answers = await scorer.answers_off_loop_if_large(outputs["embedding"])
+    outputs = await entry.runner.infer(pixels, outputs=["probabilities", OOD_SCORE])
+    answers = scorer.answers(outputs[OOD_SCORE])
     metrics.count_ood(entry.name, answers)  # visionserve_ood_scored_images_total / _flagged_images_total
     return outputs["probabilities"], answers
 

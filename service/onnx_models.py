@@ -12,7 +12,7 @@ import time
 import functools
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import TYPE_CHECKING, Sequence
+from typing import TYPE_CHECKING, Callable, Sequence
 
 import numpy as np
 import onnxruntime as ort
@@ -56,6 +56,9 @@ class ModelEntry:
     # Its runner once loaded (service/task_models.py): `await entry.runner.infer(inputs, outputs)` runs it through
     # the adaptive batcher (or direct calls when batching is off), which calls `run`.
     runner: AdaptiveBatcher | DirectRunner | None = None
+    # Outputs computed from a graph output, per model call, on the runner's thread: {name: (graph output, function)}.
+    # /classify's OOD score is one (service/ood.py): one matrix product per batch instead of one per request.
+    derived_outputs: dict[str, tuple[str, Callable[[np.ndarray], np.ndarray]]] = field(default_factory=dict)
 
     @functools.cached_property
     def input_spec(self) -> InputSpec:
@@ -74,11 +77,21 @@ class ModelEntry:
         return float(metrics.get("accuracy") or metrics.get("miou") or metrics.get("class_consistency") or 0.0)
 
     def run(self, inputs: np.ndarray | dict[str, np.ndarray], output_names: Sequence[str]) -> dict[str, np.ndarray]:
-        """uint8 pixels [N, C, H, W] (or named inputs: a generator's z and label) -> the named graph outputs.
-        Thread-safe: onnxruntime allows concurrent run()."""
+        """uint8 pixels [N, C, H, W] (or named inputs: a generator's z and label) -> the named graph outputs (or
+        derived outputs). Thread-safe: onnxruntime allows concurrent run()."""
         assert self.session is not None
         feeds = inputs if isinstance(inputs, dict) else {"pixels": inputs}
-        return dict(zip(output_names, self.session.run(list(output_names), feeds)))
+        names = list(output_names)
+        if not any(name in self.derived_outputs for name in names):
+            return dict(zip(names, self.session.run(names, feeds)))
+        # A derived output's graph output is run once; its function then takes the whole batch at once.
+        graph_names = list(dict.fromkeys(self.derived_outputs.get(name, (name,))[0] for name in names))
+        outputs = dict(zip(graph_names, self.session.run(graph_names, feeds)))
+        for name in names:
+            if name in self.derived_outputs:
+                source, compute = self.derived_outputs[name]
+                outputs[name] = compute(outputs[source])
+        return {name: outputs[name] for name in names}
 
     def describe(self) -> dict:
         """The card as GET /models shows it, plus what the server made of it."""

@@ -4,12 +4,13 @@ Starts visionserve as shipped but with one worker (the CNN only), with a sitecus
 cProfile in every interpreter of the server and starts/stops it on SIGUSR1/SIGUSR2, so that start-up, model
 loading and warm-up stay out of the profile. One sequential client sends the same Fashion-MNIST test PNG
 --requests times: first unprofiled (the wall time per request), then with the worker's event-loop thread profiled.
-The model itself runs in the batcher's executor thread, which cProfile does not see: its time is measured as raw
-onnxruntime batch-1 `session.run` in this process, in the same run.
+A batch predicted shorter than VISIONSERVE_INLINE_BATCH_US (a lone CNN image is) runs on the event loop, where
+cProfile sees it; a longer one runs on the batcher's executor thread, which cProfile does not see. Either way the
+model's raw time is also measured as onnxruntime batch-1 `session.run` in this process, in the same run.
 
 Shares are of the profiled event-loop thread's CPU time (time.thread_time; epoll waits excluded), grouped by stage:
 our named functions by cumulative time (multipart, decode, fit, OOD, answer + JSON), the rest by the file each
-function lives in (BentoML, uvicorn + h11, Starlette, asyncio); a C function (a socket send, a
+function lives in (BentoML, uvicorn and its HTTP parser, Starlette, asyncio); a C function (a socket send, a
 queue put) goes to the stage of its caller. cProfile inflates pure-Python layers against C
 code, so the unprofiled wall time is reported beside it. Writes benchmarks/results/profile.{md,json}.
 
@@ -57,7 +58,9 @@ NAMED_STAGES = [
     ("multipart parsing (Starlette form + python-multipart)", "service/parsing.py", "read_multipart_upload"),
     ("PNG decode (Pillow)", "service/images.py", "decode_image"),
     ("fit to the input spec (mode, polarity, resize, pad)", "service/images.py", "fit_to_input_spec"),
-    ("OOD answers (the score itself runs per batch on the batcher's thread)", "service/ood.py", "answers"),
+    ("OOD answers (the score itself is the model call's derived output, below)", "service/ood.py", "answers"),
+    ("model call + OOD score on the event loop (short batches: VISIONSERVE_INLINE_BATCH_US)",
+     "service/onnx_models.py", "run"),
     ("answer: top-k dict", "service/classify.py", "classification_answer"),
     ("JSON encoding (JSONResponse.render)", "starlette/responses.py", "render"),
     ("request parameters", "service/parsing.py", "parse_params"),
@@ -69,7 +72,7 @@ FILE_STAGES = [
     ("BentoML's own layers (its ASGI app, middlewares, context, metrics)", ("bentoml/", "_bentoml_impl/")),
     ("OpenTelemetry tracing (BentoML's ASGI middleware, a span per request)", ("opentelemetry/",)),
     ("Prometheus metrics (prometheus_client: BentoML's and ours)", ("prometheus_client/",)),
-    ("uvicorn + h11 (HTTP parsing and writing)", ("uvicorn/", "h11/")),
+    ("uvicorn + its HTTP parser (httptools, or h11 without it)", ("uvicorn/", "h11/", "httptools/")),
     ("Starlette routing, middleware, requests", ("starlette/",)),
     ("asyncio event loop and socket I/O", ("asyncio/", "selectors.py")),
     ("visionserve, other (routing, metrics, logging)", ("service/",)),
@@ -192,7 +195,7 @@ def markdown_report(results: dict) -> str:
 
     lines += ["", f"Grouped: BentoML's own (its layers and the OpenTelemetry middleware it always installs) "
               f"**{share('BentoML', 'OpenTelemetry'):.0%}**; the ASGI server and framework every peer pays too "
-              f"(uvicorn + h11, asyncio, Starlette routing) {share('uvicorn', 'asyncio', 'Starlette'):.0%}; "
+              f"(uvicorn and its HTTP parser, the event loop, Starlette routing) {share('uvicorn', 'asyncio', 'Starlette'):.0%}; "
               f"reading the upload (multipart, decode, fit) {share('multipart', 'PNG', 'fit'):.0%}; ours and shared "
               f"(OOD, Prometheus metrics of BentoML and ours, batching hand-off, answer, JSON, parameters) "
               f"{share('OOD', 'Prometheus', 'visionserve', 'batching', 'answer', 'JSON', 'request'):.0%}. cProfile "
@@ -202,8 +205,9 @@ def markdown_report(results: dict) -> str:
     lines += ["", "Top 15 functions by exclusive time on the loop thread:", "", "| function | ms per request |",
               "|---|---:|"]
     lines += [f"| `{name}` | {ms:.3f} |" for name, ms in results["top_functions"]]
-    lines += ["", "The remaining time between the loop's busy time and the client's wall time is the model run in "
-              "the executor thread, the thread hand-offs' latency, the kernel's loopback TCP and the client itself. "
+    lines += ["", "The remaining time between the loop's busy time and the client's wall time is any model run on "
+              "the executor thread (batches above VISIONSERVE_INLINE_BATCH_US), the kernel's loopback TCP and the "
+              "client itself. "
               "Written by `python -m benchmarks.profile_classify`.", ""]
     return "\n".join(lines)
 

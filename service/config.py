@@ -184,6 +184,9 @@ class InferenceConfig:
     # 16 samples had 36 of 1,251 requests shed (docs/PERFORMANCE.md) although p99 was within its objective.
     generate_max_queued_samples: int
     allow_spinning: bool  # onnxruntime's busy-waiting intra-op threads; off leaves CPU to the HTTP front
+    # A batch predicted to take less than this many microseconds runs on the event loop, not the model's thread
+    # (service/batching.py); 0: always on the thread.
+    inline_batch_us: int
     tune_gc: bool  # gc.freeze() after start-up and a larger young generation: no long collection pauses
     # The model a request without `model` gets, per task; a task not named here (or whose named model is not
     # available) gets its available model with the best headline metric. Classification is pinned to the CNN:
@@ -214,6 +217,7 @@ class InferenceConfig:
             segment_max_queued_images=_int(environ, "SEGMENT_MAX_QUEUED_IMAGES", 64),
             generate_max_queued_samples=_int(environ, "GENERATE_MAX_QUEUED_SAMPLES", 1024),
             allow_spinning=environ.get(ENV_PREFIX + "ORT_SPINNING", "off").lower() == "on",
+            inline_batch_us=_int(environ, "INLINE_BATCH_US", 1000, minimum=0),
             tune_gc=environ.get(ENV_PREFIX + "GC_TUNING", "on").lower() == "on",
             default_models=parse_default_models(environ.get(ENV_PREFIX + "DEFAULT_MODELS", DEFAULT_MODELS)),
         )

@@ -98,4 +98,5 @@ def runner_for(task: str, entry: ModelEntry, inference: InferenceConfig) -> Adap
                              if task in ("classification", "reconstruction")
                              else (inference.segment_max_batch_size, inference.segment_max_queued_images))
     return AdaptiveBatcher(entry.run, max_batch, max_queued, inference.retry_after_seconds, entry.name,
-                           entry.output_name, ModelMetrics(entry.name))
+                           entry.output_name, ModelMetrics(entry.name),
+                           inline_below_seconds=inference.inline_batch_us / 1e6)

@@ -28,6 +28,14 @@ def metric(kind: str, name: str, documentation: str, labelnames: tuple[str, ...]
                                           **options)
 
 
+@functools.lru_cache(maxsize=4096)
+def child(metric_of, *label_values: str):
+    """metric_of()'s child for these label values (in its labelnames' order), looked up once: prometheus_client's
+    labels() validates and locks on every call, and a request made three such calls. Label values are bounded
+    (route templates, served model names, status codes, error codes), and the cache is too."""
+    return metric_of().labels(*label_values)
+
+
 def requests_total():
     return metric("Counter", "visionserve_requests", "HTTP requests answered, by route template, model and status code",
                   ("route", "model", "status"))
@@ -90,10 +98,10 @@ def model_provider():
 def count_ood(model: str, answers: list[dict | None]) -> None:
     scored = [answer for answer in answers if answer is not None]
     if scored:
-        ood_scored_total().labels(model=model).inc(len(scored))
+        child(ood_scored_total, model).inc(len(scored))
         flagged = sum(bool(answer.get("flag")) for answer in scored)
         if flagged:
-            ood_flagged_total().labels(model=model).inc(flagged)
+            child(ood_flagged_total, model).inc(flagged)
 
 
 class ModelMetrics:

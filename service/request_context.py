@@ -158,9 +158,9 @@ class RequestId:
 
 
 def count(route: str, model: str, status: int, code: str | None, seconds: float) -> None:
-    metrics.requests_total().labels(route=route, model=model, status=str(status)).inc()
-    metrics.request_seconds().labels(route=route, model=model).observe(seconds)
+    metrics.child(metrics.requests_total, route, model, str(status)).inc()
+    metrics.child(metrics.request_seconds, route, model).observe(seconds)
     if status >= 400:
-        metrics.request_errors_total().labels(route=route, model=model, status=str(status),
-                                              code=code or _CODES.get(status, f"http_{status}")).inc()
+        metrics.child(metrics.request_errors_total, route, model, str(status),
+                      code or _CODES.get(status, f"http_{status}")).inc()
 

@@ -26,13 +26,13 @@ from PIL import Image
 from starlette.applications import Starlette
 from starlette.middleware import Middleware
 from starlette.requests import Request
-from starlette.responses import JSONResponse
 from starlette.routing import Route
 
 from . import classify, explain, features, generate, metrics, reconstruct, segment, v2, web
 from .config import ServingConfig, access_log_from_environment, tracing_from_environment, workers_from_environment
 from .errors import EXCEPTION_HANDLERS, ApiError
 from .images import configure_pillow_limits
+from .json_response import JSONResponse
 from .middleware import AdmissionLimit, ControlCharactersInPath, RequestBodyLimit
 from .model_store import models_to_serve
 from .onnx_models import (GPU_INSTALL_HINT, cuda_missing, preload_cuda_libraries, requested_providers,

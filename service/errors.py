@@ -10,7 +10,8 @@ import logging
 
 from starlette.exceptions import HTTPException
 from starlette.requests import Request
-from starlette.responses import JSONResponse
+
+from .json_response import JSONResponse
 
 logger = logging.getLogger("bentoml.visionserve")
 

@@ -19,11 +19,12 @@ import numpy as np
 from bentoml import get_current_service
 from pydantic import BaseModel, BeforeValidator, ConfigDict, Field, StrictInt, StrictStr, ValidationError
 from starlette.requests import Request
-from starlette.responses import JSONResponse, Response
+from starlette.responses import Response
 from starlette.routing import Route
 
 from .errors import ApiError
 from .images import png_bytes
+from .json_response import JSONResponse
 from .onnx_models import ModelEntry
 from .parsing import validation_error
 

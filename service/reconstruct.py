@@ -17,10 +17,11 @@ import numpy as np
 from bentoml import get_current_service
 from pydantic import BaseModel, Field
 from starlette.requests import Request
-from starlette.responses import JSONResponse, Response
+from starlette.responses import Response
 
 from .errors import ApiError
 from .images import from_chw, png_bytes
+from .json_response import JSONResponse
 from .onnx_models import ModelEntry
 from .parsing import Form, ModelParams, inputs_of, routes_in_every_form
 

@@ -16,11 +16,12 @@ import numpy as np
 from bentoml import get_current_service
 from pydantic import Field
 from starlette.requests import Request
-from starlette.responses import JSONResponse, Response
+from starlette.responses import Response
 from starlette.routing import Route
 
 from .errors import ApiError
 from .images import InputSpec, decode_image, to_chw, to_model_mode
+from .json_response import JSONResponse
 from .masks import PALETTE, class_statistics, connected_components, mask_png, overlay_png, pad_to_multiple
 from .parsing import INLINE_DECODE_BYTES, ModelParams, read_image_files
 

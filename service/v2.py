@@ -18,10 +18,11 @@ from importlib import metadata
 import numpy as np
 from bentoml import get_current_service
 from starlette.requests import Request
-from starlette.responses import JSONResponse, Response
+from starlette.responses import Response
 from starlette.routing import Route
 
 from .errors import ApiError
+from .json_response import JSONResponse
 from .masks import pad_to_multiple
 from .onnx_models import ModelEntry
 from .parsing import INLINE_DECODE_BYTES, decode_base64_image, fit_images

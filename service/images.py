@@ -146,7 +146,9 @@ def to_model_mode(image: Image.Image, channels: int, light_on_dark: bool,
     image = ImageOps.exif_transpose(image)
     image = to_eight_bits(image)
     image = composite_on_white(image)
-    image = image.convert("L" if channels == 1 else "RGB")
+    mode = "L" if channels == 1 else "RGB"
+    if image.mode != mode:  # Pillow's convert to the same mode is a copy
+        image = image.convert(mode)
     if invert == "auto":
         gray = np.asarray(image if channels == 1 else image.convert("L"))
         inverted = background_is_light(gray) == light_on_dark
@@ -185,6 +187,8 @@ def fit_to_input_spec(image: Image.Image, spec: InputSpec, invert: InvertMode = 
     training background).
     """
     image, inverted = to_model_mode(image, spec.channels, spec.light_on_dark, invert)
+    if image.size == (spec.width, spec.height):  # already the model's size: ImageOps.pad would copy it twice
+        return to_chw(image), inverted
     padding = spec.padding_value if spec.channels == 1 else (spec.padding_value,) * 3
     fitted = ImageOps.pad(image, (spec.width, spec.height), method=Image.Resampling.LANCZOS, color=padding)
     return to_chw(fitted), inverted

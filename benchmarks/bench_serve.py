@@ -39,15 +39,17 @@ BOUNDARY = "benchboundary7f3a"
 
 # (label, environment) of the server configurations compared at 32 concurrent clients. The first is the
 # default the service ships with and gets every measurement; the others only the concurrency run.
-SHIPPED = {"VISIONSERVE_BATCHING": "on", "VISIONSERVE_WORKERS": "1"}  # one worker (the default is one per core)
+# The sequential cells' server: one worker with every core's intra-op threads, as raw onnxruntime runs here (the
+# shipped default is one worker per core: the last configuration below on 2 cores).
+SHIPPED = {"VISIONSERVE_BATCHING": "on", "VISIONSERVE_WORKERS": "1"}
 SERVER_CONFIGS = [
-    ("batched, 1 worker x 2 threads (shipped defaults)", SHIPPED),
+    ("batched, 1 worker x 2 threads (the sequential cells' server)", SHIPPED),
     ("same, access log on (BentoML's default)", {**SHIPPED, "VISIONSERVE_ACCESS_LOG": "on"}),
     ("same, GC tuning off", {**SHIPPED, "VISIONSERVE_GC_TUNING": "off"}),
     ("same, onnxruntime spinning on (its default)", {**SHIPPED, "VISIONSERVE_ORT_SPINNING": "on"}),
     ("unbatched, 1 worker x 2 threads", {**SHIPPED, "VISIONSERVE_BATCHING": "off"}),
     ("unbatched, 2 workers x 1 thread", {**SHIPPED, "VISIONSERVE_BATCHING": "off", "VISIONSERVE_WORKERS": "2"}),
-    ("batched, 2 workers x 1 thread", {**SHIPPED, "VISIONSERVE_WORKERS": "2"}),
+    ("batched, 2 workers x 1 thread (shipped default on 2 cores)", {**SHIPPED, "VISIONSERVE_WORKERS": "2"}),
 ]
 
 
@@ -55,7 +57,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p = argument_parser(__doc__)
     p.add_argument("--seconds", type=float, default=5.0, help="per sequential measurement")
     p.add_argument("--concurrent-seconds", type=int, default=60, help="32-client run of the shipped config")
-    p.add_argument("--compare-seconds", type=int, default=20, help="32-client runs of the other configs")
+    p.add_argument("--compare-seconds", type=int, default=20, help="32-client runs of the other configs (0: none)")
+    p.add_argument("--only", nargs="+", metavar="MODEL", help="measure these models of --models only")
     p.add_argument("--users", type=int, default=32)
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--dry-run", action="store_true", help="measure but do not write results")
@@ -192,6 +195,10 @@ def served_cells(client: httpx.Client, task: str, name: str, images: np.ndarray,
         "64 png": served_sequential(client, "/classify", multipart_body(pngs, name), multipart, 64, seconds),
         "64 tensor": served_sequential(client, f"/classify/tensor?model={name}", npy_body(images),
                                        "application/octet-stream", 64, seconds),
+        # The same work as raw onnxruntime's: no OOD score (a matrix product over 10,000 training embeddings per
+        # image, about as much as the CNN itself), which the row above includes.
+        "64 tensor, ood=false": served_sequential(client, f"/classify/tensor?model={name}&ood=false",
+                                                  npy_body(images), "application/octet-stream", 64, seconds),
         # The Open Inference Protocol (service/v2.py), asked for the probabilities only, as /classify/tensor gives.
         **{f"64 v2 {kind}": served_sequential(client, f"/v2/models/{name}/infer", body, content_type, 64, seconds,
                                               headers)
@@ -236,7 +243,7 @@ def main(args: argparse.Namespace) -> dict:
     cards = {path.parent.name: json.loads((path.parent / "card.json").read_text())
              for path in sorted(models_dir.glob("*/model.onnx"))}
     # The tasks this benchmark has requests for (SERVED_OUTPUT); the autoencoder's /reconstruct is not measured here.
-    names = [name for name, card in cards.items() if card["task"] in SERVED_OUTPUT]
+    names = [name for name, card in cards.items() if card["task"] in SERVED_OUTPUT and name in (args.only or cards)]
     threads = len(os.sched_getaffinity(0))
     images = fashion_test_images(64, args.seed)
     load_start = os.getloadavg()
@@ -251,7 +258,7 @@ def main(args: argparse.Namespace) -> dict:
     np.save(images_npy, images)
     pngs = [png(image) for image in images]
     served, concurrency, provider, default_model, batch_sizes = {}, [], None, None, {}
-    for index, (label, env) in enumerate(SERVER_CONFIGS):
+    for index, (label, env) in enumerate(SERVER_CONFIGS if args.compare_seconds else SERVER_CONFIGS[:1]):
         with running_server(models_folder_environment(models_dir, env), workdir / f"server-{index}.log") as server:
             url = server.url
             described = httpx.get(url + "/models", timeout=10).json()
@@ -278,15 +285,18 @@ def main(args: argparse.Namespace) -> dict:
     if "cnn" in served:
         ratio = served["cnn"]["64 png"]["ratio_to_raw"]
         tensor_ratio = served["cnn"]["64 tensor"]["ratio_to_raw"]
-        targets["CNN 64-image requests >= 80% of raw onnxruntime img/s"] = (
-            f"PNG multipart {ratio:.0%} ({'met' if ratio >= 0.8 else 'missed'}), "
-            f".npy tensor {tensor_ratio:.0%} ({'met' if tensor_ratio >= 0.8 else 'missed'})")
+        bare_ratio = served["cnn"]["64 tensor, ood=false"]["ratio_to_raw"]
+        targets["CNN 64-image .npy requests >= 90% of raw onnxruntime img/s (issue 22)"] = (
+            f"{bare_ratio:.0%} with ood=false, the raw call's work ({'met' if bare_ratio >= 0.9 else 'missed'}); "
+            f"{tensor_ratio:.0%} with the OOD score (the default)")
+        targets["CNN 64-image PNG requests >= 50% of raw onnxruntime img/s (issue 22)"] = (
+            f"{ratio:.0%} ({'met' if ratio >= 0.5 else 'missed'}, the OOD score included)")
         v2_ratio = served["cnn"]["64 v2 binary"]["ratio_to_raw"]
         targets["CNN 64-image V2 binary requests >= 0.9x the /classify/tensor row"] = (
             f"{v2_ratio / tensor_ratio:.2f}x ({'met' if v2_ratio >= 0.9 * tensor_ratio else 'missed'}); "
             f"V2 JSON {served['cnn']['64 v2 json']['ratio_to_raw'] / tensor_ratio:.2f}x")
     else:
-        targets["CNN 64-image requests >= 80% of raw onnxruntime img/s"] = "no cnn model in models/ at this run"
+        targets["CNN 64-image requests against raw onnxruntime img/s"] = "no cnn model measured in this run"
     targets["32 concurrent 1-image clients: 0 errors, p99 <= 100 ms"] = (
         f"{shipped['errors']} errors, p99 {shipped['p99_ms']} ms over {shipped['seconds']} s "
         f"({'met' if shipped['errors'] == 0 and (shipped['p99_ms'] or 1e9) <= 100 else 'missed'})")

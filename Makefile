@@ -173,9 +173,11 @@ $(PEERS_VENV)/.installed: pyproject.toml $(INSTALLED)
 bench-peers: install data models-present $(PEERS_VENV)/.installed
 	$(BIN)/python -m benchmarks.peers --out benchmarks/results $(PEERS_ARGS)
 
-# INT8 variants of the CNN and the ResNet student, released only if they keep accuracy and gain speed (issue 22)
+# INT8 variants of the CNN and the ResNet student, released only if they keep accuracy and gain speed (issue 22);
+# then each released variant served against its source, the served speed-up written into its card
 int8: install data models-present
 	$(BIN)/python -m export.quantize
+	$(BIN)/python -m benchmarks.int8_served --write-cards
 
 # FP16 graphs for the CUDA provider (VISIONSERVE_PRECISION): models/<name>/model-fp16.onnx and the card's
 # features.fp16 section, parity-checked against FP32 on the full test split (benchmarks/results/fp16.md).

@@ -62,7 +62,7 @@ NAMED_STAGES = [
     ("model call + OOD score on the event loop (short batches: VISIONSERVE_INLINE_BATCH_US)",
      "service/onnx_models.py", "run"),
     ("answer: top-k dict", "service/classify.py", "classification_answer"),
-    ("JSON encoding (JSONResponse.render)", "starlette/responses.py", "render"),
+    ("JSON encoding (orjson: service/json_response.py)", "service/json_response.py", "render"),
     ("request parameters", "service/parsing.py", "parse_params"),
 ]
 # The rest by where the code lives (exclusive time), first match wins.

@@ -39,3 +39,18 @@ def test_quantized_mlp_is_measured_and_released_only_by_the_rule(tmp_path):
     assert any(node.op_type == "QuantizeLinear" for node in onnx.load(str(models / "mlp-int8" / "model.onnx")).graph.node)
     (probabilities,) = session.run(["probabilities"], {"pixels": np.zeros((2, 1, 28, 28), np.uint8)})
     assert probabilities.shape == (2, 10) and np.allclose(probabilities.sum(1), 1, atol=1e-3)
+
+
+def test_int8_served_pairs_each_released_variant_with_its_released_source(tmp_path):
+    from benchmarks.int8_served import int8_pairs
+
+    for name in ("cnn", "cnn-int8", "resnet-student-int8"):
+        (tmp_path / name).mkdir()
+    shutil.copy(MODELS_DIR / "cnn" / "model.onnx", tmp_path / "cnn" / "model.onnx")
+    (tmp_path / "cnn" / "card.json").write_text(json.dumps({"name": "cnn"}))
+    (tmp_path / "cnn-int8" / "card.json").write_text(json.dumps({"name": "cnn-int8",
+                                                                 "quantization": {"from": {"model": "cnn"}}}))
+    # its source is not in this folder: nothing to serve it against
+    (tmp_path / "resnet-student-int8" / "card.json").write_text(
+        json.dumps({"name": "resnet-student-int8", "quantization": {"from": {"model": "resnet-student"}}}))
+    assert int8_pairs(tmp_path) == [("cnn", "cnn-int8")]

@@ -52,9 +52,11 @@ def available_cores(cgroup_root: Path = Path("/sys/fs/cgroup")) -> int:
 def workers_from_environment(environ: Mapping[str, str] = os.environ) -> int:
     """BentoML fixes the worker count when the service class is declared, so this one value is read there.
 
-    Default: one worker per usable core. Measured on 2 cores (issue 22, 32 closed-loop clients, single CNN PNGs):
-    1 worker 664 req/s, p99 90 ms; 2 workers 1,155 req/s, p99 54 ms. The front (HTTP, multipart, PNG decoding) is
-    single-threaded Python per worker, so a second worker is what uses a second core."""
+    Default: one worker per usable core. Measured on 2 cores (32 closed-loop clients, single CNN PNGs): 1 worker
+    664 req/s, p99 90 ms; 2 workers 1,155 req/s, p99 54 ms, when the front (HTTP, multipart, PNG decoding; single-
+    threaded Python per worker) was the bottleneck. After issue 22's cuts both give about 2,030 req/s (make
+    bench-serve, docs/SERVING.md): a second worker no longer adds throughput for the CNN at this load; the default
+    stays one per core, not re-measured for the other models."""
     return _int(environ, "WORKERS", available_cores())
 
 

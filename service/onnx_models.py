@@ -56,8 +56,8 @@ class ModelEntry:
     # Its runner once loaded (service/task_models.py): `await entry.runner.infer(inputs, outputs)` runs it through
     # the adaptive batcher (or direct calls when batching is off), which calls `run`.
     runner: AdaptiveBatcher | DirectRunner | None = None
-    # Outputs computed from a graph output, per model call, on the runner's thread: {name: (graph output, function)}.
-    # /classify's OOD score is one (service/ood.py): one matrix product per batch instead of one per request.
+    # Outputs computed from a graph output inside each model call (so once per batch, wherever the batch runs):
+    # {name: (graph output, function)}. /classify's OOD score is one (service/ood.py).
     derived_outputs: dict[str, tuple[str, Callable[[np.ndarray], np.ndarray]]] = field(default_factory=dict)
 
     @functools.cached_property

@@ -3,7 +3,7 @@
 One run, three parts, every figure of the report measured by it:
 1. `python -m benchmarks.bench_serve` (`make bench-serve`) in a subprocess: raw onnxruntime in-process vs the same
    models served, 1 item and batched, and 32 closed-loop clients; it writes benchmarks/results/serve.{json,md}.
-2. One server (shipped defaults, the models of --models), loaded by Locust one endpoint at a time (the users of
+2. One server (shipped defaults but one worker, the models of --models), loaded by Locust one endpoint at a time (the users of
    loadtests/locustfile.py, picked by their tag) at each user count of --search-users and --table-users,
    --seconds each, statistics reset once every user is spawned.
 3. Per endpoint, p50/p99 at the --table-users counts and the capacity: the request rate at the last step of
@@ -366,8 +366,8 @@ def markdown_report(results: dict, plot_name: str) -> str:
         f"- **Load average** (1, 5, 15 min): {machine['load_average_start']} at the start, "
         f"{machine['load_average_end']} at the end, taken after pausing (they lag: the start value still shows "
         f"any paused work). {paused_note}.",
-        f"- **Server**: `bentoml serve service.app:VisionService` with the shipped defaults "
-        f"({', '.join(f'{k}={v}' for k, v in load['server_env'].items())}), models from `{results['models_dir']}`; "
+        f"- **Server**: `bentoml serve service.app:VisionService` with the shipped defaults but one worker (the "
+        f"default is one per core) ({', '.join(f'{k}={v}' for k, v in load['server_env'].items())}), models from `{results['models_dir']}`; "
         "`/classify` and `/classify/tensor` use the default classifier, "
         f"`{(load['default_models'] or {}).get('classification')}`.",
         f"- **Raw vs served**: `{serve['command']}` ([serve.md](../benchmarks/results/serve.md)), "

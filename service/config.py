@@ -54,9 +54,9 @@ def workers_from_environment(environ: Mapping[str, str] = os.environ) -> int:
 
     Default: one worker per usable core. Measured on 2 cores (32 closed-loop clients, single CNN PNGs): 1 worker
     664 req/s, p99 90 ms; 2 workers 1,155 req/s, p99 54 ms, when the front (HTTP, multipart, PNG decoding; single-
-    threaded Python per worker) was the bottleneck. After issue 22's cuts both give about 2,030 req/s (make
-    bench-serve, docs/SERVING.md): a second worker no longer adds throughput for the CNN at this load; the default
-    stays one per core, not re-measured for the other models."""
+    threaded Python per worker) was the bottleneck. After issue 22's cuts 1,994 and 2,460 req/s in one run of make
+    bench-serve, 2,030 and 2,031 in another an hour earlier (docs/SERVING.md): the second worker's gain is now
+    within the run-to-run spread."""
     return _int(environ, "WORKERS", available_cores())
 
 

@@ -15,14 +15,13 @@ import shlex
 import statistics
 import sys
 import tempfile
-import time
 from datetime import datetime, timezone
 from pathlib import Path
 
-import httpx
 import numpy as np
 
 from benchmarks.bench_serve import locust_closed_loop
+from benchmarks.peers import first_answer, sequential_ms
 from benchmarks.report import write_results
 from loadtests.machine import git_commit, load_average, processor_name
 from loadtests.payloads import fashion_test_images, png
@@ -56,19 +55,6 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--out", default=str(REPO / "benchmarks" / "results"))
     p.add_argument("--dry-run", action="store_true", help="measure but do not write results")
     return p.parse_args(argv)
-
-
-def sequential_ms(url: str, body: bytes, requests: int) -> float:
-    files = [("images", ("image.png", body, "image/png"))]
-    times = []
-    with httpx.Client(base_url=url, timeout=30) as client:
-        for _ in range(100):  # warm-up
-            client.post("/classify", files=files).raise_for_status()
-        for _ in range(requests):
-            started = time.perf_counter()
-            client.post("/classify", files=files).raise_for_status()
-            times.append(time.perf_counter() - started)
-    return round(statistics.median(times) * 1e3, 3)
 
 
 def markdown_report(results: dict) -> str:
@@ -111,6 +97,7 @@ def main(args: argparse.Namespace) -> dict:
         for label, row in servers.items():
             env = models_folder_environment(workdir / "models", {**base, **row["settings"]})
             with running_server(env, workdir / f"{label}-{round_index}.log") as server:
+                first_answer(server.url, body)  # warm-up
                 sequential = sequential_ms(server.url, body, args.sequential)
                 run = locust_closed_loop(server.url, args.users, args.duration, workdir / "image.npy",
                                          workdir / f"{label}-{round_index}")

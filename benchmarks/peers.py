@@ -180,20 +180,12 @@ def sequential_ms(url: str, png: bytes, requests: int) -> float:
     return round(statistics.median(times) * 1e3, 3)
 
 
-def raw_model_ms(model_dir: Path, pixels, requests: int) -> float:
-    """Median ms of onnxruntime's batch-1 run of the CNN (probabilities, one thread), in this process."""
-    import onnxruntime as ort
+def raw_model_ms(model_dir: Path, pixels, seconds: float = 2.0) -> float:
+    """Median ms of onnxruntime's batch-1 run of the CNN (probabilities, one thread, the server's session settings),
+    in this process: bench_serve's raw measurement."""
+    from benchmarks.bench_serve import raw_onnxruntime
 
-    options = ort.SessionOptions()
-    options.intra_op_num_threads = 1
-    options.inter_op_num_threads = 1
-    session = ort.InferenceSession(str(model_dir / "model.onnx"), options, providers=["CPUExecutionProvider"])
-    times = []
-    for _ in range(max(requests, 100)):
-        started = time.perf_counter()
-        session.run(["probabilities"], {"pixels": pixels})
-        times.append(time.perf_counter() - started)
-    return round(statistics.median(times[10:]) * 1e3, 4)
+    return raw_onnxruntime(model_dir / "model.onnx", {"pixels": pixels}, "probabilities", 1, seconds)["p50_ms"]
 
 
 def top_label(answer) -> str | None:
@@ -328,7 +320,7 @@ def main(args: argparse.Namespace) -> dict:
                "peers": rows, "raw_model_ms_runs": []}
     for round_index in range(args.rounds):
         if args.sequential:
-            results["raw_model_ms_runs"].append(raw_model_ms(model_dir, image[:, None], args.sequential))
+            results["raw_model_ms_runs"].append(raw_model_ms(model_dir, image[:, None]))
         for peer in args.peers:
             log_path = workdir / f"{peer}-{round_index}.log"
             with affinity(server_cpus):

@@ -26,7 +26,7 @@ import httpx
 from benchmarks.report import argument_parser, write_results
 from loadtests.machine import git_commit, load_average, processor_name
 from loadtests.payloads import fashion_test_images, npy, png
-from loadtests.server import models_folder_environment, running_server
+from loadtests.server import folder_of, models_folder_environment, running_server
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
@@ -102,16 +102,14 @@ def main(args: argparse.Namespace) -> dict:
     pairs = int8_pairs(models)
     if not pairs:
         raise SystemExit(f"no INT8 variant with its source in {models}")
-    workdir = Path(tempfile.mkdtemp(prefix="int8-served-"))
-    for name in {name for pair in pairs for name in pair}:
-        (workdir / "models").mkdir(exist_ok=True)
-        (workdir / "models" / name).symlink_to((models / name).resolve())
+    served = folder_of([models / name for name in sorted({name for pair in pairs for name in pair})],
+                       Path(tempfile.mkdtemp(prefix="int8-served-")) / "models")
     results = {"command": "python -m benchmarks.int8_served " + " ".join(sys.argv[1:]),
                "started": datetime.now(timezone.utc).strftime("%Y-%m-%d %H:%M UTC"), "commit": git_commit(),
                "processor": processor_name(), "load_average_start": load_average(), "requests": args.requests,
                "pairs": []}
-    env = models_folder_environment(workdir / "models", {"VISIONSERVE_WORKERS": "1"})
-    with running_server(env, workdir / "server.log") as server, httpx.Client(base_url=server.url, timeout=60) as client:
+    env = models_folder_environment(served, {"VISIONSERVE_WORKERS": "1"})
+    with running_server(env, served.parent / "server.log") as server, httpx.Client(base_url=server.url, timeout=60) as client:
         for source, int8 in pairs:
             quantization = json.loads((models / int8 / "card.json").read_text())["quantization"]
             cells = measure_pair(client, source, int8, args.requests)

@@ -116,13 +116,11 @@ def affinity(cpus: list[int]) -> Iterator[None]:
 def start_peer(peer: str, args: argparse.Namespace, workers: int, model_dir: Path, workdir: Path,
                log_path: Path) -> tuple[subprocess.Popen, str]:
     """One server of the CNN on a free port; visionserve through the launcher every test and benchmark uses."""
-    from loadtests.server import free_port, models_folder_environment, start_server, stop_process_group, wait_ready
+    from loadtests.server import (folder_of, free_port, models_folder_environment, start_server, stop_process_group,
+                                  wait_ready)
 
     if peer == "visionserve":
-        cnn_only = workdir / "models"  # VISIONSERVE_MODELS_DIR of the CNN alone: no other model loads
-        if not cnn_only.exists():
-            cnn_only.mkdir()
-            (cnn_only / model_dir.name).symlink_to(model_dir.resolve())
+        cnn_only = folder_of([model_dir], workdir / "models")  # the CNN alone: no other model loads
         settings = {"VISIONSERVE_WORKERS": str(workers), "VISIONSERVE_THREADS": "1"}
         server = start_server(models_folder_environment(cnn_only, settings), log_path)
         return server.process, server.url

@@ -215,21 +215,20 @@ def markdown_report(results: dict) -> str:
 def main(args: argparse.Namespace) -> dict:
     from loadtests.machine import git_commit, load_average, processor_name
     from loadtests.payloads import fashion_test_images, png as png_bytes
-    from loadtests.server import models_folder_environment, running_server
+    from loadtests.server import folder_of, models_folder_environment, running_server
 
     model_dir = Path(args.model)
     workdir = Path(tempfile.mkdtemp(prefix="profile-classify-"))
     (workdir / "site").mkdir()
     (workdir / "site" / "sitecustomize.py").write_text(SITECUSTOMIZE)
     (workdir / "prof").mkdir()
-    (workdir / "models").mkdir()
-    (workdir / "models" / model_dir.name).symlink_to(model_dir.resolve())
+    models = folder_of([model_dir], workdir / "models")
     image = fashion_test_images(1, args.seed)[0]
     png = png_bytes(image)
     raw_ms = raw_run_ms(model_dir / "model.onnx", image)
     env = {"VISIONSERVE_WORKERS": "1", "PYTHONPATH": str(workdir / "site"),
            "VISIONSERVE_CPROFILE_DIR": str(workdir / "prof")}
-    with running_server(models_folder_environment(workdir / "models", env), workdir / "server.log") as server:
+    with running_server(models_folder_environment(models, env), workdir / "server.log") as server:
         import psutil
 
         url = server.url

@@ -25,7 +25,7 @@ from benchmarks.peers import first_answer, sequential_ms
 from benchmarks.report import write_results
 from loadtests.machine import git_commit, load_average, processor_name
 from loadtests.payloads import fashion_test_images, png
-from loadtests.server import models_folder_environment, running_server
+from loadtests.server import folder_of, models_folder_environment, running_server
 
 REPO = Path(__file__).resolve().parent.parent
 
@@ -85,8 +85,7 @@ def markdown_report(results: dict) -> str:
 def main(args: argparse.Namespace) -> dict:
     model = Path(args.model)
     workdir = Path(tempfile.mkdtemp(prefix="settings-ab-"))
-    (workdir / "models").mkdir()
-    (workdir / "models" / model.name).symlink_to(model.resolve())
+    models = folder_of([model], workdir / "models")
     image = fashion_test_images(1, 0)
     np.save(workdir / "image.npy", image)
     body = png(image[0])
@@ -95,7 +94,7 @@ def main(args: argparse.Namespace) -> dict:
     started, load_start = datetime.now(timezone.utc).strftime("%Y-%m-%d %H:%M UTC"), load_average()
     for round_index in range(args.rounds):
         for label, row in servers.items():
-            env = models_folder_environment(workdir / "models", {**base, **row["settings"]})
+            env = models_folder_environment(models, {**base, **row["settings"]})
             with running_server(env, workdir / f"{label}-{round_index}.log") as server:
                 first_answer(server.url, body)  # warm-up
                 sequential = sequential_ms(server.url, body, args.sequential)

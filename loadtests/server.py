@@ -17,7 +17,7 @@ import sys
 import time
 import urllib.error
 import urllib.request
-from collections.abc import Collection, Iterator, Mapping
+from collections.abc import Collection, Iterable, Iterator, Mapping
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -80,6 +80,16 @@ def wait_ready(process: subprocess.Popen, health_url: str, log_path: Path, timeo
     stop_process_group(process)
     raise RuntimeError(f"the server was not ready after {timeout_s:g} s; its log ({log_path}):\n"
                        + log_path.read_text(errors="replace"))
+
+
+def folder_of(models: Iterable[Path], folder: Path) -> Path:
+    """`folder` holding links to exactly these model folders (each keeps its name): the VISIONSERVE_MODELS_DIR of a
+    server that loads them and nothing else. A link already there is kept, so rounds may call this again."""
+    folder.mkdir(parents=True, exist_ok=True)
+    for model in models:
+        if not (folder / model.name).exists():
+            (folder / model.name).symlink_to(Path(model).resolve())
+    return folder
 
 
 def models_folder_environment(models_dir: str | Path, settings: Mapping[str, str]) -> dict[str, str]:

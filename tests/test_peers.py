@@ -44,3 +44,16 @@ def test_sequential_target_is_served_time_over_floor_plus_raw_model():
     assert target == {"served_ms": 1.2, "floor_ms": 0.6, "raw_model_ms": 0.2, "ratio": 1.5, "target": 1.5}
     assert peers.sequential_target({**results, "raw_model_ms": None}) is None  # run with --sequential 0
     assert peers.sequential_target({"peers": {"visionserve": row(1.0)}, "raw_model_ms": 0.2}) is None  # no floor
+
+
+def test_folder_of_links_exactly_the_named_models_and_can_be_called_again(tmp_path):
+    from loadtests.server import folder_of
+
+    sources = tmp_path / "models"
+    for name in ("cnn", "mlp"):
+        (sources / name).mkdir(parents=True)
+        (sources / name / "card.json").write_text("{}")
+    folder = folder_of([sources / "cnn"], tmp_path / "served" / "models")
+    assert folder_of([sources / "cnn"], folder) == folder  # a second round finds its link in place
+    assert sorted(p.name for p in folder.iterdir()) == ["cnn"]
+    assert (folder / "cnn").resolve() == (sources / "cnn").resolve() and (folder / "cnn" / "card.json").is_file()
